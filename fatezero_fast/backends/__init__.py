@@ -1,0 +1,1 @@
+"""Backends of the fused ops: each module has `available(...)` and `blended_attention(...)`."""

@@ -1,0 +1,9 @@
+"""cpu backend of blended_attention (being written)."""
+
+
+def available(device=None) -> bool:
+    return False
+
+
+def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
+    raise NotImplementedError("the cpu backend is not built yet")

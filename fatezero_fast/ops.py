@@ -1,0 +1,121 @@
+"""The fused ops, one dispatching entry each: triton | cuda | cpu | reference.
+
+`blended_attention` computes FateZero's spatio-temporal self-attention with the source map
+fused on the fly (../shared/DESIGN.md, "The one fused op"):
+
+    out = M * softmax(Q_e K_e^T * s) V_e + (1 - M) * P_s V_e
+
+with K/V gathered per query frame from `kv_frames` and P_s given as ("qk", q_s, k_s),
+("probs", P_s[, row_scale]) or ("lowrank", U, W). The backends never build an Nq x Nk map
+(the reference does: it is the oracle for tests).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+from .backends import cpu as _cpu, cuda as _cuda, triton as _triton
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+_SOURCE_FORMS = ("qk", "probs", "lowrank")
+_warned_fallback = False
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on `device` in this installation."""
+    device = torch.device(device)
+    names = []
+    if device.type == "cuda":
+        if _triton.available(device):
+            names.append("triton")
+        if _cuda.available():
+            names.append("cuda")
+    else:
+        if _cpu.available():
+            names.append("cpu")
+        if _triton.available(device):
+            names.append("triton")
+    names.append("reference")
+    return names
+
+
+def _check_inputs(q, k, v, kv_frames, source, mask):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k and v must be (B, H, Nk, D) matching q's heads and head dim; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, h, nq, d = q.shape
+    if d % 8 != 0 or d > 256:
+        raise ValueError(f"head dim {d} is not supported: use a multiple of 8 up to 256")
+    if kv_frames.dim() != 2 or kv_frames.shape[0] != b:
+        raise ValueError(f"kv_frames must be (B, R) with B={b}; got {tuple(kv_frames.shape)}")
+    if kv_frames.numel() and (int(kv_frames.min()) < 0 or int(kv_frames.max()) >= k.shape[0]):
+        raise ValueError(f"kv_frames must index k/v's first axis [0, {k.shape[0]}); got values "
+                         f"in [{int(kv_frames.min())}, {int(kv_frames.max())}]")
+    if mask is not None and tuple(mask.shape) != (b, nq):
+        raise ValueError(f"mask must be (B, Nq) = {(b, nq)}; got {tuple(mask.shape)}")
+    if source is None:
+        if mask is not None:
+            raise ValueError("a mask was given without a source: pass source=(...) or drop the mask")
+        return
+    if not isinstance(source, tuple) or not source or source[0] not in _SOURCE_FORMS:
+        raise ValueError(f"source must be a tuple whose first item is one of {_SOURCE_FORMS}")
+    nk_total = kv_frames.shape[1] * k.shape[2]
+    form = source[0]
+    if form == "qk":
+        if len(source) != 3 or source[1].shape != q.shape or source[2].shape != k.shape:
+            raise ValueError("source ('qk', q_s, k_s) needs q_s shaped like q and k_s shaped like k")
+    elif form == "probs":
+        if len(source) not in (2, 3) or tuple(source[1].shape) != (b, h, nq, nk_total):
+            raise ValueError(f"source ('probs', P_s[, row_scale]) needs P_s of shape {(b, h, nq, nk_total)}")
+        if len(source) == 3 and tuple(source[2].shape) != (b, h, nq):
+            raise ValueError(f"the fp8 row scale must be (B, H, Nq) = {(b, h, nq)}")
+    else:
+        if len(source) != 3 or source[1].shape[:3] != (b, h, nq) or \
+                tuple(source[2].shape) != (b, h, source[1].shape[3], nk_total):
+            raise ValueError(f"source ('lowrank', U, W) needs U (B, H, Nq, r) and W (B, H, r, R*Nk={nk_total})")
+
+
+def _pick_backend(device: torch.device, source) -> str:
+    global _warned_fallback
+    for name in available_backends(device):
+        if name == "cuda" and source is not None and source[0] == "lowrank":
+            continue  # the CUDA kernel covers plain, qk and probs; Triton takes low-rank
+        if name != "reference":
+            return name
+    if not _warned_fallback:
+        warnings.warn("fatezero_fast._C is not built and no GPU kernel is available: blended_attention "
+                      "falls back to the materialized reference (O(N^2) memory). Reinstall with "
+                      "`pip install --no-build-isolation -e .` to get the C++ CPU kernel.")
+        _warned_fallback = True
+    return "reference"
+
+
+def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_frames: torch.Tensor,
+                      source=None, mask: torch.Tensor | None = None, scale: float | None = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """Spatio-temporal attention with an optional FateZero source map blended per query row.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D), one entry per frame; kv_frames: (B, R) long, the frames
+    each query frame attends to; source: None, ("qk", q_s, k_s), ("probs", P_s[, row_scale]) or
+    ("lowrank", U, W); mask: (B, Nq) in [0, 1], 1 = edit attention, 0 = source (None with a source:
+    full source). Returns (B, H, Nq, D) in q's dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
+    _check_inputs(q, k, v, kv_frames, source, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kv_frames = kv_frames.to(device=q.device, dtype=torch.long)
+    if backend == "auto":
+        backend = _pick_backend(q.device, source)
+    elif backend not in available_backends(q.device):
+        raise RuntimeError(f"backend {backend!r} is not available on {q.device}: "
+                           f"available here: {available_backends(q.device)}")
+    if backend == "reference":
+        return reference.blended_attention_reference(q, k, v, kv_frames=kv_frames, source=source,
+                                                     mask=mask, scale=scale)
+    impl = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}[backend]
+    return impl.blended_attention(q, k, v, kv_frames, source, mask, scale)
