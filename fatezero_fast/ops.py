@@ -96,13 +96,13 @@ def _pick_backend(device: torch.device, source) -> str:
 
 def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_frames: torch.Tensor,
                       source=None, mask: torch.Tensor | None = None, scale: float | None = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Spatio-temporal attention with an optional FateZero source map blended per query row.
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D), one entry per frame; kv_frames: (B, R) long, the frames
     each query frame attends to; source: None, ("qk", q_s, k_s), ("probs", P_s[, row_scale]) or
     ("lowrank", U, W); mask: (B, Nq) in [0, 1], 1 = edit attention, 0 = source (None with a source:
-    full source). Returns (B, H, Nq, D) in q's dtype.
+    full source). Returns (B, H, Nq, D) in q's dtype, written into `out` when given.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
@@ -114,8 +114,11 @@ def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_f
     elif backend not in available_backends(q.device):
         raise RuntimeError(f"backend {backend!r} is not available on {q.device}: "
                            f"available here: {available_backends(q.device)}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must be shaped, typed and placed like q {tuple(q.shape)} {q.dtype} {q.device}")
     if backend == "reference":
-        return reference.blended_attention_reference(q, k, v, kv_frames=kv_frames, source=source,
-                                                     mask=mask, scale=scale)
+        result = reference.blended_attention_reference(q, k, v, kv_frames=kv_frames, source=source,
+                                                       mask=mask, scale=scale)
+        return result if out is None else out.copy_(result)
     impl = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}[backend]
-    return impl.blended_attention(q, k, v, kv_frames, source, mask, scale)
+    return impl.blended_attention(q, k, v, kv_frames, source, mask, scale, out=out)
