@@ -1,0 +1,258 @@
+"""FateZeroPipeline: DDIM inversion with the source prompt, then edits that fuse its attention.
+
+One inversion serves any number of edits (FATEZERO.md items 2 and 4). The source attention is
+not stored: each editing step re-evaluates the source branch on the stored inversion latent
+with the source prompt in the same UNet batch as the edit ("recompute"), which is the very
+computation that produced the inversion maps. Only the latents and, per step, the head- and
+layer-averaged 16x16 cross maps needed by the blend masks are kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .control import EditOptions, EditPlan, blend_latents
+from .errors import InputError
+from .processors import VideoAttentionConfig, install
+from .reference import ddim_inversion_step
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for a user's choice; a clear error when CUDA is asked for but absent."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but this torch has no CUDA device: use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@dataclass
+class Inversion:
+    """A DDIM-inverted clip: everything an edit needs, on the CPU.
+
+    latents: (T+1, F, 4, h, w), latents[i] = z_i (z_0 the encoded clip, z_T the noisiest);
+    token_maps: (T, F, rh, rw, 77), the source cross maps of inversion call i averaged over the
+    heads and layers of the mask level.
+    """
+
+    source_prompt: str
+    num_inference_steps: int
+    latents: torch.Tensor
+    token_maps: torch.Tensor
+    attention: VideoAttentionConfig
+    frames: torch.Tensor | None = None  # the source clip (F, 3, H, W) in [-1, 1], when known
+
+    @property
+    def num_frames(self) -> int:
+        return self.latents.shape[1]
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = dict(source_prompt=self.source_prompt, num_inference_steps=self.num_inference_steps,
+                    attention=asdict(self.attention), format=1)
+        (folder / "inversion.json").write_text(json.dumps(meta, indent=2))
+        torch.save({"latents": self.latents, "token_maps": self.token_maps, "frames": self.frames},
+                   folder / "inversion.pt")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Inversion":
+        folder = Path(folder)
+        if not (folder / "inversion.json").is_file() or not (folder / "inversion.pt").is_file():
+            raise InputError(f"{folder} is not a saved inversion (no inversion.json/inversion.pt): "
+                             f"create one with `fatezero-fast invert`")
+        meta = json.loads((folder / "inversion.json").read_text())
+        tensors = torch.load(folder / "inversion.pt", map_location="cpu")
+        return cls(meta["source_prompt"], meta["num_inference_steps"], tensors["latents"], tensors["token_maps"],
+                   VideoAttentionConfig(**meta["attention"]), tensors.get("frames"))
+
+
+@dataclass
+class EditResult:
+    target_prompt: str
+    latents: torch.Tensor                      # (F, 4, h, w) final latents
+    frames: torch.Tensor | None                # (F, 3, H, W) in [-1, 1], when decoded
+    masks: dict = field(default_factory=dict)  # name -> (steps, F, h, w) blend masks used
+
+
+class FateZeroPipeline:
+    """Stable Diffusion components made into FateZero's video model (see `processors.install`)."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *,
+                 attention: VideoAttentionConfig | None = None, device=None, dtype=torch.float32):
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        with _quiet_diffusers():  # its dtype-cast notice is not about anything the user did
+            self.vae = vae.to(self.device, self.dtype).eval()
+            self.unet = unet.to(self.device, self.dtype).eval()
+        self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.state = install(self.unet, attention or VideoAttentionConfig())
+
+    # -- construction
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> "FateZeroPipeline":
+        """Load a local diffusers-format Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"model folder not found: {folder} (give a local diffusers-format Stable Diffusion folder)")
+        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+        if missing:
+            raise InputError(f"model folder {folder} lacks {', '.join(missing)}: a diffusers-format folder has "
+                             f"{', '.join(COMPONENTS)}")
+        loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer,
+                       unet=UNet2DConditionModel, scheduler=DDIMScheduler)
+        parts = {}
+        for name, loader in loaders.items():
+            try:
+                parts[name] = loader.from_pretrained(folder / name)
+            except Exception as exc:  # a broken component: name it, not a deep traceback
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"cannot load {name} from {folder / name}: {first}") from exc
+        return cls(**parts, **kwargs)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, **kwargs) -> "FateZeroPipeline":
+        """The embedded default: a small random-weight model of SD's architecture (outputs are noise-like)."""
+        from .models import random_components
+
+        return cls(**random_components("tiny", seed), **kwargs)
+
+    # -- building blocks
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor, generator: torch.Generator | None = None,
+                     chunk: int = 8) -> torch.Tensor:
+        """(F, 3, H, W) in [-1, 1] -> (F, 4, H/8, W/8) latents (posterior sample times the VAE scale)."""
+        frames = frames.to(self.device, self.dtype)
+        latents = [self.vae.encode(frames[i:i + chunk]).latent_dist.sample(generator)
+                   for i in range(0, len(frames), chunk)]
+        return torch.cat(latents) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        latents = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
+        frames = [self.vae.decode(latents[i:i + chunk]).sample for i in range(0, len(latents), chunk)]
+        return torch.cat(frames).float().clamp(-1, 1).cpu()
+
+    def _timesteps(self, num_inference_steps: int):
+        if num_inference_steps <= 0:
+            raise InputError(f"num_inference_steps must be positive, got {num_inference_steps}")
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler, scheduler.timesteps
+
+    def _unet(self, branches: list[torch.Tensor], embeddings: list[torch.Tensor], t) -> torch.Tensor:
+        """One UNet call on branches of F frames each, branch b conditioned on embeddings[b]."""
+        f = branches[0].shape[0]
+        sample = torch.cat(branches).to(self.device, self.dtype)
+        context = torch.cat([e.expand(f, -1, -1) for e in embeddings])
+        return self.unet(sample, t, encoder_hidden_states=context).sample
+
+    # -- the two phases
+    @torch.no_grad()
+    def invert(self, video: torch.Tensor | None = None, source_prompt: str = "", num_inference_steps: int = 50,
+               *, latents: torch.Tensor | None = None, seed: int = 0, progress: bool = True) -> Inversion:
+        """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt."""
+        if (video is None) == (latents is None):
+            raise InputError("give exactly one of video= or latents= to invert")
+        scheduler, timesteps = self._timesteps(num_inference_steps)
+        if latents is None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+            latents = self.encode_video(video, generator)
+        z = latents.to(self.device, self.dtype)
+        f, latent_size = z.shape[0], tuple(z.shape[-2:])
+        cond = self.encode_prompt(source_prompt)
+        all_latents, token_maps = [z.cpu()], []
+        steps = len(timesteps)
+        for i in tqdm(range(steps), desc="inversion", disable=not progress):
+            t = timesteps[steps - 1 - i]
+            self.state.begin_call("invert", f, latent_size, capture_branch=0)
+            eps = self._unet([z], [cond], t)
+            token_maps.append(self.state.captured_token_maps().cpu())
+            z = ddim_inversion_step(eps, t, z, scheduler.alphas_cumprod.to(self.device),
+                                    scheduler.final_alpha_cumprod.to(self.device),
+                                    scheduler.config.num_train_timesteps, steps).to(self.dtype)
+            all_latents.append(z.cpu())
+        self.state.begin_call("plain", 1, latent_size)
+        return Inversion(source_prompt, steps, torch.stack(all_latents), torch.stack(token_maps),
+                         copy.deepcopy(self.state.config), None if video is None else video.float().cpu())
+
+    @torch.no_grad()
+    def edit(self, inversion: Inversion, target_prompt: str, options: EditOptions | None = None, *,
+             decode: bool = True, progress: bool = True, **option_kwargs) -> EditResult:
+        """Denoise from the inversion with the target prompt, fusing the source attention (items 4-8)."""
+        options = options or EditOptions(**option_kwargs)
+        steps = inversion.num_inference_steps
+        scheduler, timesteps = self._timesteps(steps)
+        plan = EditPlan.build(options, inversion.source_prompt, target_prompt, steps, self.tokenizer)
+        src_cond, tgt_cond = self.encode_prompt(inversion.source_prompt), self.encode_prompt(target_prompt)
+        cfg = options.guidance_scale != 1
+        embeddings = [src_cond, self.encode_prompt(""), tgt_cond] if cfg else [src_cond, tgt_cond]
+        z = inversion.latents[steps].to(self.device, self.dtype)
+        f, latent_size = z.shape[0], tuple(z.shape[-2:])
+        edit_maps_sum, masks = None, {"self_attention": [], "latents": []}
+        for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
+            source_maps = inversion.token_maps[steps - 1 - j].to(self.device)
+            self.state.begin_call("edit", f, latent_size, plan=plan, step=j, source_token_maps=source_maps,
+                                  capture_branch=len(embeddings) - 1 if plan.blend_latents else None)
+            z_src = inversion.latents[steps - 1 - j]
+            eps = self._unet([z_src] + [z] * (len(embeddings) - 1), embeddings, t)
+            eps_edit = eps[-f:]
+            if cfg:
+                eps_uncond = eps[f:2 * f]
+                eps_edit = eps_uncond + options.guidance_scale * (eps_edit - eps_uncond)
+            z = scheduler.step(eps_edit, t, z).prev_sample.to(self.dtype)
+            if plan.blend_self_attention and plan.replaces_self(j):
+                masks["self_attention"].append(plan.self_blend_mask(source_maps, latent_size).view(f, *latent_size))
+            if plan.blend_latents:
+                captured = self.state.captured_token_maps()
+                edit_maps_sum = captured if edit_maps_sum is None else edit_maps_sum + captured
+                mask = plan.latent_blend_mask(j, source_maps, edit_maps_sum, latent_size)
+                if mask is not None:
+                    z = blend_latents(z, inversion.latents[steps - j], mask)
+                    masks["latents"].append(mask.float())
+        self.state.begin_call("plain", 1, latent_size)
+        masks = {k: torch.stack(v).cpu() for k, v in masks.items() if v}
+        frames = self.decode_latents(z) if decode else None
+        return EditResult(target_prompt, z.cpu(), frames, masks)

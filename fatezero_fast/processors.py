@@ -1,0 +1,209 @@
+"""Diffusers attention processors for FateZero (installed with `unet.set_attn_processor`).
+
+- SpatioTemporalAttnProcessor (attn1): sparse-causal self-attention across frames
+  (FATEZERO.md item 1) through the fused op; in controlled layers during editing the target
+  branch blends the source branch's attention in (item 6) without building an Nq x Nk map.
+- FateZeroCrossAttnProcessor (attn2): cross-attention; in controlled layers during editing
+  the target branch's map is fused with the source branch's (item 5); at the mask level it
+  records head-averaged per-token maps for the blend masks (items 7 and 8).
+
+The UNet batch is a run of branches of `num_frames` frames each. While editing the batch is
+[source, (uncond,) target]: the source branch re-evaluates inversion on the stored inversion
+latent with the source prompt ("recompute", exact), and the target branch is the one edited.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .control import EditPlan
+from .groupnorm import make_groupnorms_clip_wide
+from .reference import IndexEntry, resolve_frame_index
+
+MASK_LEVEL = 2  # blend masks come from the cross maps at 1/4 of the latent size (16x16 at 512x512)
+
+
+@dataclass
+class VideoAttentionConfig:
+    """How the 2D UNet becomes FateZero's video model (model_config keys of the official configs)."""
+
+    sparse_causal_index: Sequence[IndexEntry] = (-1, "first")  # SparseCausalAttention_index
+    least_sc_channel: int | None = None        # blocks narrower than this use per-frame attention
+    max_control_tokens: int = 32 * 32         # layers with more query tokens are never controlled
+    backend: str = "auto"                      # blended_attention backend
+
+    def __post_init__(self):
+        self.sparse_causal_index = list(self.sparse_causal_index)
+        resolve_frame_index(self.sparse_causal_index, 1)  # rejects unknown entries now
+
+
+@dataclass
+class FateZeroState:
+    """What the processors and norms need to know about the current UNet call."""
+
+    config: VideoAttentionConfig
+    num_frames: int = 1
+    latent_size: tuple[int, int] = (64, 64)
+    mode: str = "plain"                      # plain | invert | edit
+    plan: EditPlan | None = None
+    step: int = 0
+    source_branch: int = 0                   # batch branch holding the source (edit mode)
+    source_token_maps: torch.Tensor | None = None  # (F, rh, rw, 77) this step's inversion maps
+    capture_branch: int | None = None        # branch whose mask-level cross maps are recorded
+    _captured: list = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)
+
+    # -- geometry
+    def level_size(self, tokens: int) -> tuple[int, int]:
+        """(h, w) of the UNet level with `tokens` query tokens (levels halve, rounding up)."""
+        h, w = self.latent_size
+        while h * w > tokens:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if h * w != tokens:
+            raise ValueError(f"no UNet level of a {self.latent_size} latent has {tokens} tokens")
+        return h, w
+
+    def mask_level_tokens(self) -> int:
+        h, w = self.latent_size
+        for _ in range(MASK_LEVEL):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h * w
+
+    def controls(self, tokens: int) -> bool:
+        return self.mode == "edit" and tokens <= self.config.max_control_tokens
+
+    # -- per call
+    def begin_call(self, mode: str, num_frames: int, latent_size: tuple[int, int], *, plan=None, step=0,
+                   source_token_maps=None, capture_branch=None) -> None:
+        self.mode, self.num_frames, self.latent_size = mode, num_frames, tuple(latent_size)
+        self.plan, self.step, self.source_token_maps = plan, step, source_token_maps
+        self.capture_branch = capture_branch
+        self._captured, self._masks = [], {}
+
+    def captured_token_maps(self) -> torch.Tensor | None:
+        """Mean over the mask-level layers of the recorded (F, rh, rw, 77) maps of this call."""
+        if not self._captured:
+            return None
+        return torch.stack(self._captured).mean(0)
+
+    def record(self, head_mean_probs: torch.Tensor) -> None:
+        rh, rw = self.level_size(head_mean_probs.shape[1])
+        self._captured.append(head_mean_probs.reshape(self.num_frames, rh, rw, -1).float())
+
+    def self_blend_mask(self, tokens: int) -> torch.Tensor | None:
+        if tokens not in self._masks:
+            self._masks[tokens] = self.plan.self_blend_mask(self.source_token_maps, self.level_size(tokens))
+        return self._masks[tokens]
+
+
+def _split_heads(attn, x: torch.Tensor) -> torch.Tensor:
+    bf, n, _ = x.shape
+    return x.view(bf, n, attn.heads, -1).transpose(1, 2)
+
+
+def _merge_heads_and_project(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    bf, h, n, d = out.shape
+    out = out.transpose(1, 2).reshape(bf, n, h * d)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+class SpatioTemporalAttnProcessor:
+    """Sparse-causal self-attention with FateZero's source blend (attn1)."""
+
+    def __init__(self, state: FateZeroState, index_list: Sequence[IndexEntry]):
+        self.state = state
+        self.index_list = list(index_list)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if attention_mask is not None or hidden_states.dim() != 3:
+            raise NotImplementedError("spatio-temporal self-attention takes (B*F, N, C) input without a mask")
+        st = self.state
+        q = _split_heads(attn, attn.to_q(hidden_states))
+        k = _split_heads(attn, attn.to_k(hidden_states))
+        v = _split_heads(attn, attn.to_v(hidden_states))
+        f, tokens = st.num_frames, q.shape[2]
+        local = resolve_frame_index(self.index_list, f).to(q.device)
+        branches = q.shape[0] // f
+        edit = st.controls(tokens) and st.plan.replaces_self(st.step)
+        plain_rows = (branches - 1) * f if edit else branches * f  # the target branch is last
+        out = torch.empty_like(q)
+        if plain_rows:
+            offsets = torch.arange(0, plain_rows, f, device=q.device)[:, None, None]
+            kv_frames = (local[None] + offsets).reshape(plain_rows, -1)
+            ops.blended_attention(q[:plain_rows], k[:plain_rows], v[:plain_rows], kv_frames=kv_frames,
+                                  scale=attn.scale, backend=st.config.backend, out=out[:plain_rows])
+        if edit:
+            src = slice(st.source_branch * f, (st.source_branch + 1) * f)
+            tgt = slice(plain_rows, plain_rows + f)
+            ops.blended_attention(q[tgt], k[tgt], v[tgt], kv_frames=local, source=("qk", q[src], k[src]),
+                                  mask=st.self_blend_mask(tokens), scale=attn.scale,
+                                  backend=st.config.backend, out=out[tgt])
+        return _merge_heads_and_project(attn, out, hidden_states)
+
+
+class FateZeroCrossAttnProcessor:
+    """Cross-attention with FateZero's map fusion and mask-map capture (attn2)."""
+
+    def __init__(self, state: FateZeroState, is_mask_layer: bool):
+        self.state = state
+        self.is_mask_layer = is_mask_layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        st = self.state
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = _split_heads(attn, attn.to_q(hidden_states))
+        k = _split_heads(attn, attn.to_k(context))
+        v = _split_heads(attn, attn.to_v(context))
+        f, tokens = st.num_frames, q.shape[2]
+        fuse = st.controls(tokens)
+        capture = self.is_mask_layer and st.capture_branch is not None and tokens == st.mask_level_tokens()
+        if not (fuse or capture):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+            return _merge_heads_and_project(attn, out, hidden_states)
+        if attention_mask is not None:
+            raise NotImplementedError("controlled cross-attention takes no attention mask")
+        probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        if capture:
+            rows = slice(st.capture_branch * f, (st.capture_branch + 1) * f)
+            st.record(probs[rows].mean(1))
+        if fuse:
+            src = slice(st.source_branch * f, (st.source_branch + 1) * f)
+            tgt = slice(probs.shape[0] - f, probs.shape[0])
+            probs[tgt] = st.plan.fuse_cross(probs[src], probs[tgt], st.step)
+        out = torch.matmul(probs.to(v.dtype), v)
+        return _merge_heads_and_project(attn, out, hidden_states)
+
+
+def _block_width(attn) -> int:
+    return attn.to_q.in_features
+
+
+def install(unet, config: VideoAttentionConfig | None = None) -> FateZeroState:
+    """Make a stock UNet2DConditionModel FateZero's video model; returns the state to drive it.
+
+    Sets the processors (self-attention of blocks narrower than least_sc_channel stays per
+    frame) and makes the ResNet GroupNorms clip-wide.
+    """
+    state = FateZeroState(config or VideoAttentionConfig())
+    processors = {}
+    for name, attn in unet.attn_processors.items():
+        module = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        if name.endswith("attn1.processor"):
+            narrow = state.config.least_sc_channel is not None and \
+                _block_width(module) < state.config.least_sc_channel
+            processors[name] = SpatioTemporalAttnProcessor(state, [] if narrow else state.config.sparse_causal_index)
+        else:
+            is_mask_layer = not name.startswith("mid_block")
+            processors[name] = FateZeroCrossAttnProcessor(state, is_mask_layer)
+    unet.set_attn_processor(processors)
+    make_groupnorms_clip_wide(unet, lambda: state.num_frames)
+    return state
