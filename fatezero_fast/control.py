@@ -236,8 +236,12 @@ class EditOptions:
         if len(th) != 2 or not all(0 <= float(v) <= 2 for v in th):
             raise InputError(f"blend_th {self.blend_th!r} must be two numbers in [0, 2] ([2, 2] = full source)")
         self.blend_th = (float(th[0]), float(th[1]))
-        if self.blend_words is not None and (len(self.blend_words) != 2):
-            raise InputError("blend_words must be two lists: [[source words], [target words]]")
+        if self.blend_words is not None:
+            if isinstance(self.blend_words, str) or not 1 <= len(self.blend_words) <= 2:
+                raise InputError("blend_words must be [[source words], [target words]] (the target list may be left out)")
+            # a missing target list blends on source words only, as the official zip over prompts does
+            self.blend_words = [list(w) if not isinstance(w, str) else [w] for w in self.blend_words] + \
+                [[]] * (2 - len(self.blend_words))
         if self.eq_params is not None and ("words" not in self.eq_params or "values" not in self.eq_params):
             raise InputError("eq_params needs 'words' and 'values', e.g. {words: [watercolor], values: [10]}")
 

@@ -69,6 +69,7 @@ class Inversion:
     token_maps: torch.Tensor
     attention: VideoAttentionConfig
     frames: torch.Tensor | None = None  # the source clip (F, 3, H, W) in [-1, 1], when known
+    model: str | None = None            # the model folder it was made with (None: the built-in model)
 
     @property
     def num_frames(self) -> int:
@@ -78,7 +79,7 @@ class Inversion:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = dict(source_prompt=self.source_prompt, num_inference_steps=self.num_inference_steps,
-                    attention=asdict(self.attention), format=1)
+                    attention=asdict(self.attention), model=self.model, format=1)
         (folder / "inversion.json").write_text(json.dumps(meta, indent=2))
         torch.save({"latents": self.latents, "token_maps": self.token_maps, "frames": self.frames},
                    folder / "inversion.pt")
@@ -93,7 +94,7 @@ class Inversion:
         meta = json.loads((folder / "inversion.json").read_text())
         tensors = torch.load(folder / "inversion.pt", map_location="cpu")
         return cls(meta["source_prompt"], meta["num_inference_steps"], tensors["latents"], tensors["token_maps"],
-                   VideoAttentionConfig(**meta["attention"]), tensors.get("frames"))
+                   VideoAttentionConfig(**meta["attention"]), tensors.get("frames"), meta.get("model"))
 
 
 @dataclass

@@ -9,6 +9,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .errors import InputError
+
 IndexEntry = Union[int, str]
 
 _NAMED_FRAMES = ("first", "last", "mid", "middle")
@@ -23,14 +25,14 @@ def resolve_frame_index(index_list: Sequence[IndexEntry], num_frames: int) -> to
     per-frame attention: each frame attends to itself.
     """
     if num_frames <= 0:
-        raise ValueError(f"num_frames must be positive, got {num_frames}")
+        raise InputError(f"num_frames must be positive, got {num_frames}")
     frames = torch.arange(num_frames)
     if len(index_list) == 0:
         return frames[:, None].clone()
     columns = []
     for entry in index_list:
         if isinstance(entry, bool) or not isinstance(entry, (int, str)):
-            raise ValueError(f"unknown sparse-causal index entry {entry!r}: use an int offset or one of {_NAMED_FRAMES}")
+            raise InputError(f"unknown sparse-causal index entry {entry!r}: use an int offset or one of {_NAMED_FRAMES}")
         if isinstance(entry, int):
             columns.append((frames + entry).clamp(0, num_frames - 1))
         elif entry == "first":
@@ -40,7 +42,7 @@ def resolve_frame_index(index_list: Sequence[IndexEntry], num_frames: int) -> to
         elif entry in ("mid", "middle"):
             columns.append(torch.full_like(frames, (num_frames - 1) // 2))
         else:
-            raise ValueError(f"unknown sparse-causal index entry {entry!r}: use an int offset or one of {_NAMED_FRAMES}")
+            raise InputError(f"unknown sparse-causal index entry {entry!r}: use an int offset or one of {_NAMED_FRAMES}")
     return torch.stack(columns, dim=1)
 
 

@@ -1,9 +1,85 @@
-"""triton backend of blended_attention (being written)."""
+"""triton backend of blended_attention: the fused kernel in kernels/blended_attention.py.
+
+The kernels package is imported lazily, on first use: Triton decides whether kernels are
+interpreted (TRITON_INTERPRET=1, CPU) or compiled when they are decorated, so importing
+`fatezero_fast.ops` must not fix that choice. Installed, the kernels are `fatezero_fast.kernels`
+(setup.py's package_dir); in a source checkout the top-level kernels/ directory is loaded
+under that same name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+_kernels = None
+
+
+def _triton_importable() -> bool:
+    if "triton" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _load_kernels():
+    """The kernels module: `fatezero_fast.kernels` when installed, else the checkout's `kernels/`.
+
+    In a source checkout the top-level kernels/ directory is loaded under the name
+    `fatezero_fast.kernels` (what setup.py's package_dir does when installed), by path, so that an
+    unrelated `kernels` package elsewhere on sys.path can never be picked up instead.
+    """
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    try:
+        from fatezero_fast import kernels as mod  # installed layout
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fatezero_fast.kernels", "fatezero_fast"):
+            raise
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        init = os.path.join(root, "kernels", "__init__.py")
+        if not os.path.isfile(init):
+            raise ImportError("fatezero_fast.kernels is not installed and no kernels/ directory was found "
+                              f"next to the package ({root})") from exc
+        name = "fatezero_fast.kernels"
+        spec = importlib.util.spec_from_file_location(name, init,
+                                                      submodule_search_locations=[os.path.dirname(init)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        import fatezero_fast
+        fatezero_fast.kernels = mod
+    _kernels = mod
+    return _kernels
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device=None) -> bool:
-    return False
+    """True on CUDA when triton imports; on CPU only under TRITON_INTERPRET=1 (the interpreter)."""
+    import torch
+
+    device = torch.device("cpu" if device is None else device)
+    if not _triton_importable():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type != "cpu" or not _interpret_requested():
+        return False
+    # Kernels already imported in compiled mode cannot run on CPU tensors.
+    return _kernels is None or bool(_kernels.INTERPRET)
 
 
 def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
-    raise NotImplementedError("the triton backend is not built yet")
+    """See fatezero_fast.ops.blended_attention (inputs validated there)."""
+    return _load_kernels().blended_attention_fwd(q, k, v, kv_frames, source=source, mask=mask,
+                                                 scale=scale, out=out)

@@ -1,0 +1,112 @@
+"""The official FateZero YAML configs (config/**/*.yaml of the official repository), as they are.
+
+A config names the model, the clip (dataset_config), the editing prompts with one p2p_config
+entry each (editing_config) and the video model (model_config). The first editing prompt is
+usually the source prompt itself; every prompt is edited from the one inversion. Keys that do
+not apply to plain SD weights (lora, temporal_downsample_time, ...) are accepted with a note.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .control import EditOptions
+from .errors import InputError
+from .processors import VideoAttentionConfig
+
+_EDIT_KEYS = {f.name for f in fields(EditOptions)} - {"guidance_scale"}
+# p2p_config keys the official code reads that change nothing here (recompute always uses inversion attention)
+_IGNORED_EDIT_KEYS = {"use_inversion_attention", "save_self_attention", "disk_store"}
+_VIDEO_KEYS = {"path", "prompt", "n_sample_frame", "sampling_rate", "start_sample_frame", "offset"}
+_IGNORED_VIDEO_KEYS = {"stride", "image_size", "crop", "image_mode", "class_data_root", "class_prompt_ids"}
+
+
+@dataclass
+class VideoSpec:
+    path: str | None = None
+    n_sample_frame: int = 8
+    sampling_rate: int = 1
+    start_sample_frame: int = 0
+    offset: dict | None = None
+    width: int = 512
+    height: int = 512
+
+
+@dataclass
+class RunConfig:
+    """Everything one `fatezero-fast edit` run needs."""
+
+    model: str | None = None
+    video: VideoSpec = field(default_factory=VideoSpec)
+    source_prompt: str = ""
+    edits: list[tuple[str, EditOptions]] = field(default_factory=list)
+    num_inference_steps: int = 50
+    attention: VideoAttentionConfig = field(default_factory=VideoAttentionConfig)
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise InputError(f"config section {name!r} must be a mapping")
+    return value
+
+
+def edit_options(entry: dict | None, guidance_scale: float, where: str, notes: list[str]) -> EditOptions:
+    """EditOptions from one p2p_config entry (official key names)."""
+    entry = dict(entry or {})
+    for key in sorted(set(entry) - _EDIT_KEYS):
+        if key not in _IGNORED_EDIT_KEYS:
+            notes.append(f"{where}: key {key!r} is not used by fatezero-fast and is ignored")
+        entry.pop(key)
+    return EditOptions(guidance_scale=guidance_scale, **entry)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read an official FateZero config file; bad values raise InputError, inapplicable keys add notes."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"config {path} must be a YAML mapping")
+    notes: list[str] = []
+    data, editing, model = (_section(raw, n) for n in ("dataset_config", "editing_config", "model_config"))
+
+    for key in sorted(set(data) - _VIDEO_KEYS - _IGNORED_VIDEO_KEYS):
+        notes.append(f"dataset_config: key {key!r} is not used and is ignored")
+    video = VideoSpec(path=data.get("path"), n_sample_frame=int(data.get("n_sample_frame", 8)),
+                      sampling_rate=int(data.get("sampling_rate", 1)),
+                      start_sample_frame=int(data.get("start_sample_frame", 0) or 0), offset=data.get("offset"))
+    if "image_size" in data:
+        video.width = video.height = int(data["image_size"])
+
+    attention = VideoAttentionConfig(
+        sparse_causal_index=model.get("SparseCausalAttention_index", [-1, "first"]),
+        least_sc_channel=model.get("least_sc_channel"))
+    for key in sorted(set(model) - {"SparseCausalAttention_index", "least_sc_channel"}):
+        notes.append(f"model_config: {key!r} does not apply to plain Stable Diffusion weights and is ignored")
+
+    guidance = float(editing.get("guidance_scale", 7.5))
+    prompts = editing.get("editing_prompts") or []
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise InputError("editing_config.editing_prompts must be a list of prompts")
+    p2p = editing.get("p2p_config") or {}
+    edits = []
+    for i, prompt in enumerate(prompts):
+        entry = p2p.get(i, p2p.get(str(i)))
+        if entry is None:
+            notes.append(f"p2p_config has no entry {i}: editing prompt {i} uses the defaults")
+        edits.append((prompt, edit_options(entry, guidance, f"p2p_config[{i}]", notes)))
+    if editing.get("use_inversion_attention") is False:
+        notes.append("use_inversion_attention: false is not supported; inversion attention is used")
+    return RunConfig(model=raw.get("pretrained_model_path"), video=video, source_prompt=data.get("prompt", ""),
+                     edits=edits, num_inference_steps=int(editing.get("num_inference_steps", 50)),
+                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes)
+
