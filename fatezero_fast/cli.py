@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .errors import InputError
@@ -23,8 +23,8 @@ DEMO_TARGETS = ("a red car driving down a road", "a blue car driving down a road
 DEMO_SIZE = 128  # the built-in tiny model runs at 128x128 (16x16 latents)
 
 
-def _one_line_warnings() -> None:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -148,8 +148,8 @@ def _run_config(args):
         run.num_inference_steps = args.steps
     if args.seed is not None:
         run.seed = args.seed
-    if args.index is not None:
-        run.attention.sparse_causal_index = _parse_index(args.index)
+    if args.index is not None:  # replace() re-validates the entries now, before any model work
+        run.attention = replace(run.attention, sparse_causal_index=_parse_index(args.index))
     if args.least_sc_channel is not None:
         run.attention.least_sc_channel = args.least_sc_channel
     if args.max_control_tokens is not None:
@@ -163,25 +163,30 @@ def _run_config(args):
 def _prepare_output(folder: Path, overwrite: bool) -> None:
     from .video import check_writable
 
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"output {folder} is a file, not a folder: choose another --output")
+    if folder.exists() and any(folder.iterdir()):
         if not overwrite:
             raise InputError(f"output {folder} already exists: pass --overwrite or choose another --output")
     check_writable(folder)
 
 
-def _load_pipeline(run, args):
+def _default_size(run, args) -> None:
+    """The built-in tiny model runs at DEMO_SIZE unless a size is given."""
+    if run.model is None and args.width is None and args.height is None:
+        run.video.width = run.video.height = DEMO_SIZE
+
+
+def _load_pipeline(run, args, device):
     import torch
 
-    from .pipeline import FateZeroPipeline, resolve_device
+    from .pipeline import FateZeroPipeline
 
-    device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if run.model is None:
         print("note: no --model given: using the built-in tiny model with RANDOM weights, so the frames are "
               "noise-like; pass --model /path/to/stable-diffusion-v1-4 (a local diffusers-format folder) "
               "for real edits", file=sys.stderr)
-        if args.width is None and args.height is None:
-            run.video.width = run.video.height = DEMO_SIZE
         return FateZeroPipeline.tiny_random(seed=0, device=device, dtype=dtype, attention=run.attention)
     torch.manual_seed(run.seed)
     return FateZeroPipeline.from_pretrained(run.model, device=device, dtype=dtype, attention=run.attention)
@@ -202,12 +207,28 @@ def _load_clip(run):
                       start_sample_frame=v.start_sample_frame, offset=v.offset, width=v.width, height=v.height)
 
 
+def _check_edits(pipe, run, source_prompt: str, steps: int) -> None:
+    """Build every edit's plan once (warnings silenced: the edits give them) so bad options fail before inverting."""
+    from .control import EditPlan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for prompt, options in run.edits:
+            EditPlan.build(options, source_prompt, prompt, steps, pipe.tokenizer)
+
+
 def cmd_invert(args) -> None:
+    from .pipeline import resolve_device
+
     run = _run_config(args)
     out = Path(args.output)
     _prepare_output(out, args.overwrite)
-    pipe = _load_pipeline(run, args)
+    device = resolve_device(args.device)
+    _default_size(run, args)
     clip = _load_clip(run)
+    if not run.source_prompt:
+        raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
+    pipe = _load_pipeline(run, args, device)
     inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed)
     inversion.model = run.model
     if out.exists():
@@ -217,7 +238,7 @@ def cmd_invert(args) -> None:
 
 
 def cmd_edit(args) -> None:
-    from .pipeline import Inversion
+    from .pipeline import Inversion, resolve_device
     from .video import save_frames, save_masks, save_video, side_by_side
 
     run = _run_config(args)
@@ -228,22 +249,25 @@ def cmd_edit(args) -> None:
     _prepare_output(out, args.overwrite)
     inversion = Inversion.load(args.inversion) if args.inversion else None
     if inversion is not None:
-        run.attention = inversion.attention
+        run.attention = replace(inversion.attention, backend=args.backend)
         run.source_prompt = inversion.source_prompt
         run.model = args.model or inversion.model
-    pipe = _load_pipeline(run, args)
-    if inversion is None:
+    device = resolve_device(args.device)
+    clip = None
+    if inversion is None:  # everything about the input is checked before the model is loaded
+        _default_size(run, args)
         clip = _load_clip(run)
-        if not run.edits:
-            run.edits = [(p, _edit_options_from_flags(args)) for p in DEMO_TARGETS] if run.video.path is None \
-                else []
-        if not run.edits:
-            raise InputError("no target prompt: pass --target-prompt or a --config with editing_prompts")
-        if not run.source_prompt:
-            raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
-        inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed)
-    elif not run.edits:
+        if not run.edits and run.video.path is None:
+            run.edits = [(p, _edit_options_from_flags(args)) for p in DEMO_TARGETS]
+    if not run.edits:
         raise InputError("no target prompt: pass --target-prompt or a --config with editing_prompts")
+    if not run.source_prompt:
+        raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
+    pipe = _load_pipeline(run, args, device)
+    steps = inversion.num_inference_steps if inversion is not None else run.num_inference_steps
+    _check_edits(pipe, run, run.source_prompt, steps)
+    if inversion is None:
+        inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -292,13 +316,14 @@ def cmd_info(args) -> None:
 
 
 def main(argv=None) -> int:
-    _one_line_warnings()
     args = build_parser().parse_args(argv)
-    try:
-        {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # one line each on stderr; the caller's warning setup is left as it was
+        warnings.showwarning = _show_warning
+        try:
+            {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

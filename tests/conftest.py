@@ -1,0 +1,35 @@
+"""Shared session fixtures: a saved random tiny model, a tiny clip of PNG frames, a tiny pipeline.
+
+All of them are small enough for the CPU: the tiny model's VAE downsamples by 8, so the 64x64
+clip gives 8x8 latents.
+"""
+import pytest
+
+CLIP_FRAMES = 3
+CLIP_SIZE = 64  # width = height, a multiple of 8
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A diffusers-format folder (vae, text_encoder, tokenizer, unet, scheduler) with random weights."""
+    from fatezero_fast.models import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("model") / "tiny-sd", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A folder of CLIP_FRAMES PNG frames (0000.png, ...) of the built-in car clip, CLIP_SIZE square."""
+    from fatezero_fast.video import make_sample_clip, save_frames
+
+    folder = tmp_path_factory.mktemp("clip") / "car"
+    save_frames(make_sample_clip(CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """The built-in random tiny FateZeroPipeline on the CPU (fp32)."""
+    from fatezero_fast.pipeline import FateZeroPipeline
+
+    return FateZeroPipeline.tiny_random(seed=0, device="cpu", dtype="fp32")
