@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .control import EditOptions, EditPlan, blend_latents
 from .errors import InputError
 from .processors import VideoAttentionConfig, install
 from .reference import ddim_inversion_step
+from .store import AttentionStore, make_store
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,6 +70,7 @@ class Inversion:
     latents: torch.Tensor
     token_maps: torch.Tensor
     attention: VideoAttentionConfig
+    store: AttentionStore = field(default_factory=make_store)
     frames: torch.Tensor | None = None  # the source clip (F, 3, H, W) in [-1, 1], when known
     model: str | None = None            # the model folder it was made with (None: the built-in model)
 
@@ -81,8 +84,10 @@ class Inversion:
         meta = dict(source_prompt=self.source_prompt, num_inference_steps=self.num_inference_steps,
                     attention=asdict(self.attention), model=self.model, format=1)
         (folder / "inversion.json").write_text(json.dumps(meta, indent=2))
-        torch.save({"latents": self.latents, "token_maps": self.token_maps, "frames": self.frames},
-                   folder / "inversion.pt")
+        torch.save({"latents": self.latents, "token_maps": self.token_maps, "frames": self.frames,
+                    "store": self.store.state_dict()}, folder / "inversion.pt")
+        if self.store.placement == "disk" and self.store.folder.resolve() != (folder / "store").resolve():
+            shutil.copytree(self.store.folder, folder / "store", dirs_exist_ok=True)
         return folder
 
     @classmethod
@@ -93,8 +98,11 @@ class Inversion:
                              f"create one with `fatezero-fast invert`")
         meta = json.loads((folder / "inversion.json").read_text())
         tensors = torch.load(folder / "inversion.pt", map_location="cpu")
+        saved = tensors["store"]
+        store = make_store(saved["form"], placement=saved["placement"], folder=folder / "store")
+        store.load_state_dict(saved)
         return cls(meta["source_prompt"], meta["num_inference_steps"], tensors["latents"], tensors["token_maps"],
-                   VideoAttentionConfig(**meta["attention"]), tensors.get("frames"), meta.get("model"))
+                   VideoAttentionConfig(**meta["attention"]), store, tensors.get("frames"), meta.get("model"))
 
 
 @dataclass
@@ -193,8 +201,14 @@ class FateZeroPipeline:
     # -- the two phases
     @torch.no_grad()
     def invert(self, video: torch.Tensor | None = None, source_prompt: str = "", num_inference_steps: int = 50,
-               *, latents: torch.Tensor | None = None, seed: int = 0, progress: bool = True) -> Inversion:
-        """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt."""
+               *, latents: torch.Tensor | None = None, seed: int = 0, store: AttentionStore | str = "recompute",
+               progress: bool = True) -> Inversion:
+        """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt.
+
+        `store` keeps the source attention for the edits: a form name of fatezero_fast.store.FORMS
+        or an AttentionStore (for placement, rank, ...).
+        """
+        store = make_store(store) if isinstance(store, str) else store
         if (video is None) == (latents is None):
             raise InputError("give exactly one of video= or latents= to invert")
         scheduler, timesteps = self._timesteps(num_inference_steps)
@@ -208,16 +222,17 @@ class FateZeroPipeline:
         steps = len(timesteps)
         for i in tqdm(range(steps), desc="inversion", disable=not progress):
             t = timesteps[steps - 1 - i]
-            self.state.begin_call("invert", f, latent_size, capture_branch=0)
+            self.state.begin_call("invert", f, latent_size, capture_branch=0, store=store, store_step=i)
             eps = self._unet([z], [cond], t)
             token_maps.append(self.state.captured_token_maps().cpu())
+            store.end_step(i)
             z = ddim_inversion_step(eps, t, z, scheduler.alphas_cumprod.to(self.device),
                                     scheduler.final_alpha_cumprod.to(self.device),
                                     scheduler.config.num_train_timesteps, steps).to(self.dtype)
             all_latents.append(z.cpu())
         self.state.begin_call("plain", 1, latent_size)
         return Inversion(source_prompt, steps, torch.stack(all_latents), torch.stack(token_maps),
-                         copy.deepcopy(self.state.config), None if video is None else video.float().cpu())
+                         copy.deepcopy(self.state.config), store, None if video is None else video.float().cpu())
 
     @torch.no_grad()
     def edit(self, inversion: Inversion, target_prompt: str, options: EditOptions | None = None, *,
@@ -229,19 +244,24 @@ class FateZeroPipeline:
         plan = EditPlan.build(options, inversion.source_prompt, target_prompt, steps, self.tokenizer)
         src_cond, tgt_cond = self.encode_prompt(inversion.source_prompt), self.encode_prompt(target_prompt)
         cfg = options.guidance_scale != 1
-        embeddings = [src_cond, self.encode_prompt(""), tgt_cond] if cfg else [src_cond, tgt_cond]
+        store = inversion.store
+        # branches: [source (recompute only), uncond (with guidance), target]
+        embeddings = ([src_cond] if store.recompute else []) + ([self.encode_prompt("")] if cfg else []) + [tgt_cond]
         z = inversion.latents[steps].to(self.device, self.dtype)
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
         edit_maps_sum, masks = None, {"self_attention": [], "latents": []}
         for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
             source_maps = inversion.token_maps[steps - 1 - j].to(self.device)
-            self.state.begin_call("edit", f, latent_size, plan=plan, step=j, source_token_maps=source_maps,
+            self.state.begin_call("edit", f, latent_size, plan=plan, step=j, store=store, store_step=steps - 1 - j,
+                                  source_token_maps=source_maps,
                                   capture_branch=len(embeddings) - 1 if plan.blend_latents else None)
-            z_src = inversion.latents[steps - 1 - j]
-            eps = self._unet([z_src] + [z] * (len(embeddings) - 1), embeddings, t)
+            branches = [z] * len(embeddings)
+            if store.recompute:
+                branches[0] = inversion.latents[steps - 1 - j]
+            eps = self._unet(branches, embeddings, t)
             eps_edit = eps[-f:]
             if cfg:
-                eps_uncond = eps[f:2 * f]
+                eps_uncond = eps[-2 * f:-f]
                 eps_edit = eps_uncond + options.guidance_scale * (eps_edit - eps_uncond)
             z = scheduler.step(eps_edit, t, z).prev_sample.to(self.dtype)
             if plan.blend_self_attention and plan.replaces_self(j):

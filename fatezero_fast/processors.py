@@ -7,9 +7,11 @@
   the target branch's map is fused with the source branch's (item 5); at the mask level it
   records head-averaged per-token maps for the blend masks (items 7 and 8).
 
-The UNet batch is a run of branches of `num_frames` frames each. While editing the batch is
-[source, (uncond,) target]: the source branch re-evaluates inversion on the stored inversion
-latent with the source prompt ("recompute", exact), and the target branch is the one edited.
+The UNet batch is a run of branches of `num_frames` frames each, the edited (target) branch
+last. With the recompute store the editing batch is [source, (uncond,) target]: the source
+branch re-evaluates inversion on the stored inversion latent with the source prompt (exact).
+With any other store the batch is [(uncond,) target] and the source comes from the store,
+which the inversion filled through the same processors.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from . import ops
 from .control import EditPlan
 from .groupnorm import make_groupnorms_clip_wide
 from .reference import IndexEntry, resolve_frame_index
+from .store import AttentionStore, RecomputeStore
 
 MASK_LEVEL = 2  # blend masks come from the cross maps at 1/4 of the latent size (16x16 at 512x512)
 
@@ -50,7 +53,9 @@ class FateZeroState:
     latent_size: tuple[int, int] = (64, 64)
     mode: str = "plain"                      # plain | invert | edit
     plan: EditPlan | None = None
-    step: int = 0
+    step: int = 0                            # edit step j (edit mode)
+    store: AttentionStore = field(default_factory=RecomputeStore)
+    store_step: int = 0                      # inversion call whose attention is captured or fused
     source_branch: int = 0                   # batch branch holding the source (edit mode)
     source_token_maps: torch.Tensor | None = None  # (F, rh, rw, 77) this step's inversion maps
     capture_branch: int | None = None        # branch whose mask-level cross maps are recorded
@@ -74,15 +79,21 @@ class FateZeroState:
         return h * w
 
     def controls(self, tokens: int) -> bool:
-        return self.mode == "edit" and tokens <= self.config.max_control_tokens
+        """Is a layer with this many query tokens captured (inversion) or fused (editing)?"""
+        return self.mode in ("invert", "edit") and tokens <= self.config.max_control_tokens
 
     # -- per call
     def begin_call(self, mode: str, num_frames: int, latent_size: tuple[int, int], *, plan=None, step=0,
-                   source_token_maps=None, capture_branch=None) -> None:
+                   store=None, store_step=0, source_token_maps=None, capture_branch=None) -> None:
         self.mode, self.num_frames, self.latent_size = mode, num_frames, tuple(latent_size)
         self.plan, self.step, self.source_token_maps = plan, step, source_token_maps
+        self.store, self.store_step = store or RecomputeStore(), store_step
         self.capture_branch = capture_branch
         self._captured, self._masks = [], {}
+
+    def source_rows(self) -> slice:
+        """Rows of the batch holding the source branch (recompute store only)."""
+        return slice(self.source_branch * self.num_frames, (self.source_branch + 1) * self.num_frames)
 
     def captured_token_maps(self) -> torch.Tensor | None:
         """Mean over the mask-level layers of the recorded (F, rh, rw, 77) maps of this call."""
@@ -117,9 +128,10 @@ def _merge_heads_and_project(attn, out: torch.Tensor, residual: torch.Tensor) ->
 class SpatioTemporalAttnProcessor:
     """Sparse-causal self-attention with FateZero's source blend (attn1)."""
 
-    def __init__(self, state: FateZeroState, index_list: Sequence[IndexEntry]):
+    def __init__(self, state: FateZeroState, index_list: Sequence[IndexEntry], name: str = "attn1"):
         self.state = state
         self.index_list = list(index_list)
+        self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -132,7 +144,10 @@ class SpatioTemporalAttnProcessor:
         f, tokens = st.num_frames, q.shape[2]
         local = resolve_frame_index(self.index_list, f).to(q.device)
         branches = q.shape[0] // f
-        edit = st.controls(tokens) and st.plan.replaces_self(st.step)
+        controlled = st.controls(tokens)
+        if controlled and st.mode == "invert":
+            st.store.capture_self(st.store_step, self.name, q, k, local, attn.scale)
+        edit = controlled and st.mode == "edit" and st.plan.replaces_self(st.step)
         plain_rows = (branches - 1) * f if edit else branches * f  # the target branch is last
         out = torch.empty_like(q)
         if plain_rows:
@@ -141,9 +156,10 @@ class SpatioTemporalAttnProcessor:
             ops.blended_attention(q[:plain_rows], k[:plain_rows], v[:plain_rows], kv_frames=kv_frames,
                                   scale=attn.scale, backend=st.config.backend, out=out[:plain_rows])
         if edit:
-            src = slice(st.source_branch * f, (st.source_branch + 1) * f)
+            src = st.source_rows()
+            source = ("qk", q[src], k[src]) if st.store.recompute else st.store.self_source(st.store_step, self.name)
             tgt = slice(plain_rows, plain_rows + f)
-            ops.blended_attention(q[tgt], k[tgt], v[tgt], kv_frames=local, source=("qk", q[src], k[src]),
+            ops.blended_attention(q[tgt], k[tgt], v[tgt], kv_frames=local, source=source,
                                   mask=st.self_blend_mask(tokens), scale=attn.scale,
                                   backend=st.config.backend, out=out[tgt])
         return _merge_heads_and_project(attn, out, hidden_states)
@@ -152,9 +168,10 @@ class SpatioTemporalAttnProcessor:
 class FateZeroCrossAttnProcessor:
     """Cross-attention with FateZero's map fusion and mask-map capture (attn2)."""
 
-    def __init__(self, state: FateZeroState, is_mask_layer: bool):
+    def __init__(self, state: FateZeroState, is_mask_layer: bool, name: str = "attn2"):
         self.state = state
         self.is_mask_layer = is_mask_layer
+        self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -164,9 +181,11 @@ class FateZeroCrossAttnProcessor:
         k = _split_heads(attn, attn.to_k(context))
         v = _split_heads(attn, attn.to_v(context))
         f, tokens = st.num_frames, q.shape[2]
-        fuse = st.controls(tokens)
+        controlled = st.controls(tokens)
+        fuse = controlled and st.mode == "edit"
+        store = controlled and st.mode == "invert" and not st.store.recompute
         capture = self.is_mask_layer and st.capture_branch is not None and tokens == st.mask_level_tokens()
-        if not (fuse or capture):
+        if not (fuse or store or capture):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
             return _merge_heads_and_project(attn, out, hidden_states)
         if attention_mask is not None:
@@ -175,10 +194,12 @@ class FateZeroCrossAttnProcessor:
         if capture:
             rows = slice(st.capture_branch * f, (st.capture_branch + 1) * f)
             st.record(probs[rows].mean(1))
+        if store:
+            st.store.capture_cross(st.store_step, self.name, probs.to(v.dtype))
         if fuse:
-            src = slice(st.source_branch * f, (st.source_branch + 1) * f)
+            p_src = probs[st.source_rows()] if st.store.recompute else st.store.cross_source(st.store_step, self.name)
             tgt = slice(probs.shape[0] - f, probs.shape[0])
-            probs[tgt] = st.plan.fuse_cross(probs[src], probs[tgt], st.step)
+            probs[tgt] = st.plan.fuse_cross(p_src, probs[tgt], st.step)
         out = torch.matmul(probs.to(v.dtype), v)
         return _merge_heads_and_project(attn, out, hidden_states)
 
@@ -200,10 +221,11 @@ def install(unet, config: VideoAttentionConfig | None = None) -> FateZeroState:
         if name.endswith("attn1.processor"):
             narrow = state.config.least_sc_channel is not None and \
                 _block_width(module) < state.config.least_sc_channel
-            processors[name] = SpatioTemporalAttnProcessor(state, [] if narrow else state.config.sparse_causal_index)
+            processors[name] = SpatioTemporalAttnProcessor(state, [] if narrow else state.config.sparse_causal_index,
+                                                           name)
         else:
             is_mask_layer = not name.startswith("mid_block")
-            processors[name] = FateZeroCrossAttnProcessor(state, is_mask_layer)
+            processors[name] = FateZeroCrossAttnProcessor(state, is_mask_layer, name)
     unet.set_attn_processor(processors)
     make_groupnorms_clip_wide(unet, lambda: state.num_frames)
     return state
