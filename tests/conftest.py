@@ -3,7 +3,16 @@
 All of them are small enough for the CPU: the tiny model's VAE downsamples by 8, so the 64x64
 clip gives 8x8 latents.
 """
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU; the flag must be set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# the test tensors are tiny: one thread is several times faster than two threads waiting on each other
+torch.set_num_threads(1)
 
 CLIP_FRAMES = 3
 CLIP_SIZE = 64  # width = height, a multiple of 8
