@@ -47,10 +47,9 @@ def resolve_frame_index(index_list: Sequence[IndexEntry], num_frames: int) -> to
 
 
 def gather_frames(x: torch.Tensor, kv_frames: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) per-frame tensor -> (B, H, R*N, D): the frames named by kv_frames, concatenated."""
-    b, h, n, d = x.shape
+    """Per-frame (Bk, H, N, D) -> (B, H, R*N, D): for each of kv_frames' B rows, its R frames concatenated."""
     gathered = x[kv_frames.to(x.device).long()]  # (B, R, H, N, D)
-    return gathered.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d)
+    return gathered.permute(0, 2, 1, 3, 4).flatten(2, 3)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
