@@ -1,0 +1,342 @@
+"""Triton backend of blended_attention against the float64 reference oracle.
+
+Without CUDA this file runs the kernels in Triton's CPU interpreter: TRITON_INTERPRET=1 is set
+below, at import, before anything imports Triton's kernels (Triton decides interpreted vs compiled
+when a kernel is decorated, i.e. when `fatezero_fast.kernels` / `kernels` is first imported, which
+the backend does lazily on first use). Run it as `python -m pytest -q tests/test_ops_triton.py`;
+run with other test files, nothing collected earlier may import the kernels first. In the
+interpreter bf16 tl.dot is wrong, so bf16 is tested on the GPU only. With CUDA the same small
+cases run compiled on the GPU, and the `gpu`-marked class adds SD-1.4-sized shapes.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import zlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytest.importorskip("triton")
+
+from fatezero_fast import ops, reference  # noqa: E402
+from fatezero_fast.backends import triton as triton_backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+INDEX_LISTS = (["mid"], [-1, "first"], [-2, -1, "last"])
+HEAD_DIMS = (40, 64, 80, 160)
+
+gpu = pytest.mark.gpu
+
+
+def _require_backend():
+    assert "triton" in ops.available_backends(DEVICE), (
+        "the triton backend is not available on %s: on CPU, TRITON_INTERPRET=1 must be set before the "
+        "Triton kernels are first imported" % DEVICE)
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _to64(x):
+    return x.double() if torch.is_tensor(x) and x.is_floating_point() else x
+
+
+def _make_source(form, b, h, nq, nk, d, n_ref, dtype, gen, probs_dtype=None, rank=5, device=DEVICE):
+    """A random source of the given form; returns (source for the kernel, source for the oracle)."""
+    if form is None:
+        return None, None
+    if form == "qk":
+        q_s = torch.randn(b, h, nq, d, generator=gen).to(device, dtype)
+        k_s = torch.randn(b, h, nk, d, generator=gen).to(device, dtype)
+        return ("qk", q_s, k_s), ("qk", q_s.double(), k_s.double())
+    if form == "probs":
+        p = torch.softmax(2.0 * torch.randn(b, h, nq, n_ref * nk, generator=gen), dim=-1).to(device)
+        if probs_dtype == torch.float8_e4m3fn:
+            row_scale = (p.amax(-1) / 448.0).float()
+            p8 = (p / row_scale[..., None]).to(torch.float8_e4m3fn)
+            return ("probs", p8, row_scale), ("probs", p8.double(), row_scale.double())
+        p = p.to(probs_dtype)
+        return ("probs", p), ("probs", p.double())
+    if form == "lowrank":
+        u = (torch.rand(b, h, nq, rank, generator=gen) / rank).to(device, dtype)
+        w = torch.softmax(torch.randn(b, h, rank, n_ref * nk, generator=gen), dim=-1).to(device, dtype)
+        return ("lowrank", u, w), ("lowrank", u.double(), w.double())
+    raise ValueError(form)
+
+
+def _make_mask(kind, b, nq, gen, device=DEVICE):
+    if kind is None:
+        return None
+    if kind == "zeros":
+        return torch.zeros(b, nq, device=device)
+    if kind == "ones":
+        return torch.ones(b, nq, device=device)
+    if kind == "mixed":  # binary; with 16-row blocks some blocks are uniform, some not
+        m = (torch.rand(b, nq, generator=gen) > 0.5).float()
+        m[:, :16] = 1.0
+        m[0, 16:] = 0.0
+        return m.to(device)
+    if kind == "fractional":
+        return torch.rand(b, nq, generator=gen).to(device)
+    raise ValueError(kind)
+
+
+def _run_case(d, dtype, form, mask_kind, index_list, *, probs_dtype=None, b=3, h=2, nq=20, nk=37,
+              seed=0, scale=None, rank=5):
+    _require_backend()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(b, h, nk, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(b, h, nk, d, generator=gen).to(DEVICE, dtype)
+    kv_frames = reference.resolve_frame_index(index_list, b).to(DEVICE)
+    n_ref = kv_frames.shape[1]
+    source, source64 = _make_source(form, b, h, nq, nk, d, n_ref, dtype, gen, probs_dtype, rank=rank)
+    mask = _make_mask(mask_kind, b, nq, gen)
+    out = torch.full_like(q, float("nan"))
+    result = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, scale=scale,
+                                   backend="triton", out=out)
+    assert result.data_ptr() == out.data_ptr() and result.dtype == dtype
+    assert not torch.isnan(out).any(), "some output elements were never written (or are NaN)"
+    ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
+                                                source=source64, mask=None if mask is None else mask.double(),
+                                                scale=scale)
+    err = _rel_err(out, ref)
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+# Each feature at each head dim at least once, not the full cross product (the interpreter is slow).
+# (dtype, form, mask kind, index list, probs dtype)
+_SCENARIOS = [
+    (torch.float32, None, None, 0, None),
+    (torch.float16, None, None, 2, None),
+    (torch.float32, "qk", "mixed", 2, None),
+    (torch.float16, "qk", "fractional", 1, None),
+    (torch.float32, "probs", "mixed", 1, torch.float32),
+    (torch.float16, "probs", "fractional", 2, torch.float16),
+    (torch.float32, "probs", "fractional", 0, torch.float8_e4m3fn),
+    (torch.float16, "probs", "mixed", 1, torch.float8_e4m3fn),
+    (torch.float32, "lowrank", "fractional", 1, None),
+    (torch.float16, "lowrank", "mixed", 2, None),
+]
+
+
+def _scenario_id(s):
+    dtype, form, mask_kind, idx, probs_dtype = s
+    parts = [str(dtype).replace("torch.", ""), form or "plain", mask_kind or "nomask", f"idx{idx}"]
+    if probs_dtype is not None:
+        parts.append("P" + str(probs_dtype).replace("torch.", ""))
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("scenario", _SCENARIOS, ids=_scenario_id)
+def test_matches_reference(d, scenario):
+    dtype, form, mask_kind, idx, probs_dtype = scenario
+    # vary the tails across head dims too: Nq/Nk never a multiple of the 16-wide tiles
+    nq, nk = ((20, 37), (37, 20), (20, 37), (37, 20))[HEAD_DIMS.index(d)]
+    _run_case(d, dtype, form, mask_kind, INDEX_LISTS[idx], probs_dtype=probs_dtype, nq=nq, nk=nk,
+              seed=zlib.crc32(f"{d}-{_scenario_id(scenario)}".encode()) % 1000)
+
+
+# Uniform masks (all 0, all 1) and no mask (full source) for every source form; head dims rotate.
+@pytest.mark.parametrize("form", ["qk", "probs", "lowrank"])
+@pytest.mark.parametrize("mask_kind", ["zeros", "ones", None])
+def test_uniform_and_absent_masks(form, mask_kind):
+    d = HEAD_DIMS[(["qk", "probs", "lowrank"].index(form) + [None, "zeros", "ones"].index(mask_kind)) % 4]
+    for dtype in (torch.float32, torch.float16):
+        _run_case(d, dtype, form, mask_kind, [-1, "first"], probs_dtype=torch.float16, nq=37, nk=20, h=1)
+
+
+def test_plain_attention_single_frame_and_custom_scale():
+    # Nq, Nk below one tile; R = 1 (frame attends to itself); non-default scale.
+    _run_case(40, torch.float32, None, None, [], b=2, h=1, nq=9, nk=11, scale=0.3)
+    _run_case(64, torch.float16, "qk", "fractional", [0], b=2, h=1, nq=9, nk=11, scale=0.2)
+
+
+def test_lowrank_rank_above_one_chunk():
+    # rank 70 > the kernel's 64-wide rank chunks; rank 1 below the 16-wide minimum tile
+    _run_case(40, torch.float32, "lowrank", "fractional", [-1, "first"], b=2, h=1, rank=70)
+    _run_case(80, torch.float16, "lowrank", "mixed", ["mid"], b=2, h=1, rank=1)
+
+
+def test_uniform_blocks_skip_the_unused_stream():
+    """All-1 blocks never read the source, all-0 blocks never compute the edit's scores.
+
+    The unused input is NaN: had the kernel touched it, the NaN would reach the output. The
+    expected output is the oracle with the unused input replaced (it does not matter there).
+    """
+    _require_backend()
+    gen = torch.Generator().manual_seed(7)
+    b, h, nq, nk, d = 2, 1, 32, 20, 40
+    kv_frames = reference.resolve_frame_index([-1, "first"], b).to(DEVICE)
+    q = torch.randn(b, h, nq, d, generator=gen).to(DEVICE)
+    k = torch.randn(b, h, nk, d, generator=gen).to(DEVICE)
+    v = torch.randn(b, h, nk, d, generator=gen).to(DEVICE)
+    for form in ("qk", "probs", "lowrank"):
+        source, source64 = _make_source(form, b, h, nq, nk, d, 2, torch.float32, gen, torch.float32)
+        # all ones: the source is irrelevant -> poison it
+        poisoned = (form,) + tuple(torch.full_like(t, float("nan")) for t in source[1:])
+        ones = torch.ones(b, nq, device=DEVICE)
+        out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=poisoned, mask=ones, backend="triton")
+        ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames)
+        assert not torch.isnan(out).any(), f"{form}: an all-1 block read the source"
+        assert _rel_err(out, ref) <= 1e-5
+        # all zeros: the edit's scores are irrelevant -> poison q (V stays: P_s V uses the edit's V)
+        zeros = torch.zeros(b, nq, device=DEVICE)
+        q_nan = torch.full_like(q, float("nan"))
+        out = ops.blended_attention(q_nan, k, v, kv_frames=kv_frames, source=source, mask=zeros, backend="triton")
+        ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
+                                                    source=source64, mask=zeros.double())
+        assert not torch.isnan(out).any(), f"{form}: an all-0 block computed the edit stream"
+        assert _rel_err(out, ref) <= 1e-5
+    # blocks differ: rows 0-15 all 1, rows 16-31 all 0 (16-row blocks in the interpreter);
+    # poisoning either input would reach a mixed block, so here only check the values.
+    if DEVICE.type == "cpu":
+        mask = torch.cat([torch.ones(b, 16), torch.zeros(b, 16)], dim=1)
+        source, source64 = _make_source("qk", b, h, nq, nk, d, 2, torch.float32, gen)
+        out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend="triton")
+        ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
+                                                    source=source64, mask=mask.double())
+        assert _rel_err(out, ref) <= 1e-5
+
+
+def test_strided_inputs_and_allocated_output():
+    """Non-contiguous q/k/v (diffusers' (B, N, H, D) viewed as (B, H, N, D)), out=None, bool mask."""
+    _require_backend()
+    gen = torch.Generator().manual_seed(3)
+    b, h, nq, nk, d = 2, 2, 20, 20, 40
+    q = torch.randn(b, nq, h, d, generator=gen).to(DEVICE).transpose(1, 2)
+    kv = torch.randn(b, nk, 2, h, d, generator=gen).to(DEVICE)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    kv_frames = reference.resolve_frame_index(["first", -1], b).to(DEVICE)
+    source, source64 = _make_source("probs", b, h, nq, nk, d, 2, torch.float32, gen, torch.float32)
+    p_t = source[1].transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major map
+    mask = torch.rand(b, nq, generator=gen).to(DEVICE) > 0.5
+    out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="triton")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
+                                                source=source64, mask=mask.double())
+    assert _rel_err(out, ref) <= 1e-5
+    # out given as a strided view is written in place
+    out_buf = torch.full((b, nq, h, d), float("nan"), device=DEVICE)
+    out_view = out_buf.transpose(1, 2)
+    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="triton",
+                          out=out_view)
+    assert not torch.isnan(out_buf).any()
+    assert _rel_err(out_view, ref) <= 1e-5
+
+
+def test_available():
+    assert triton_backend.available("cuda") == torch.cuda.is_available()
+    if DEVICE.type == "cpu":
+        assert triton_backend.available("cpu")
+        saved = os.environ.pop("TRITON_INTERPRET")
+        try:
+            assert not triton_backend.available("cpu")
+        finally:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def test_pick_config_gpu_tiles():
+    from fatezero_fast.backends.triton import _load_kernels
+    kernels = _load_kernels()
+    for d in (8, 40, 64, 80, 128, 160, 256):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for form in (None, "qk", "probs", "lowrank"):
+                cfg = kernels.pick_config(d, dtype, form, interpret=False)
+                for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+                    assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0
+                assert cfg["BLOCK_D"] >= d
+                # rough shared-memory budget of one stage set (Hopper: ~227 KB per block)
+                size = torch.empty((), dtype=dtype).element_size()
+                tiles = 3 if form in ("qk", "probs") else 2
+                smem = (2 * cfg["BLOCK_M"] * cfg["BLOCK_D"] + cfg["num_stages"] * tiles * cfg["BLOCK_N"]
+                        * cfg["BLOCK_D"]) * size
+                assert smem <= 200 * 1024, (d, dtype, form, cfg, smem)
+    assert kernels.pick_config(40, torch.float16, None, interpret=True)["BLOCK_M"] == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: SD-1.4 shapes (8 frames x 8 heads; 64x64, 32x32, 16x16 latents), fp16 and bf16.
+
+def _oracle_per_frame(q, k, v, kv_frames, source, mask, scale=None):
+    """The reference, one query frame at a time (its gathered frames as one key frame): bounded memory."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    k_e, v_e = reference.gather_frames(k, kv_frames), reference.gather_frames(v, kv_frames)
+    k_s = reference.gather_frames(source[2], kv_frames) if source is not None and source[0] == "qk" else None
+    for b in range(q.shape[0]):
+        k_b, v_b = k_e[b:b + 1], v_e[b:b + 1]
+        src = None
+        if source is not None:
+            if source[0] == "qk":
+                src = ("qk", source[1][b:b + 1].float(), k_s[b:b + 1].float())
+            elif source[0] == "probs":
+                src = ("probs",) + tuple(t[b:b + 1] for t in source[1:])
+            else:
+                src = ("lowrank", source[1][b:b + 1], source[2][b:b + 1])
+        single = torch.zeros(1, 1, dtype=torch.long, device=q.device)
+        out[b:b + 1] = reference.blended_attention_reference(
+            q[b:b + 1].float(), k_b.float(), v_b.float(), kv_frames=single, source=src,
+            mask=None if mask is None else mask[b:b + 1], scale=scale)
+    return out
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestGPU:
+    SHAPES = [(4096, 40), (1024, 80), (256, 160)]
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("nq,d", SHAPES)
+    @pytest.mark.parametrize("form", [None, "qk", "probs", "probs8", "lowrank"])
+    def test_sd14_shapes(self, dtype, nq, d, form):
+        torch.manual_seed(nq + d)
+        b, h = 8, 8
+        dev = torch.device("cuda")
+        q = torch.randn(b, h, nq, d, device=dev, dtype=dtype)
+        k = torch.randn(b, h, nq, d, device=dev, dtype=dtype)
+        v = torch.randn(b, h, nq, d, device=dev, dtype=dtype)
+        kv_frames = reference.resolve_frame_index([-1, "first", "last"] if form == "probs8" else [-1, "first"],
+                                                  b).to(dev)
+        n_ref = kv_frames.shape[1]
+        source = None
+        if form == "qk":
+            source = ("qk", torch.randn_like(q), torch.randn_like(k))
+        elif form in ("probs", "probs8"):
+            p = torch.softmax(torch.randn(b, h, nq, n_ref * nq, device=dev) * 2, dim=-1)
+            if form == "probs8":  # > 2**31 elements at 4096 tokens: 64-bit offsets
+                row_scale = p.amax(-1) / 448.0
+                source = ("probs", (p / row_scale[..., None]).to(torch.float8_e4m3fn), row_scale)
+            else:
+                source = ("probs", p.to(dtype))
+            del p
+        elif form == "lowrank":
+            source = ("lowrank", torch.rand(b, h, nq, 8, device=dev, dtype=dtype) / 8,
+                      torch.softmax(torch.randn(b, h, 8, n_ref * nq, device=dev), -1).to(dtype))
+        mask = None
+        if source is not None:  # spatially coherent blend mask: uniform and mixed blocks
+            side = int(math.isqrt(nq))
+            yy, xx = torch.meshgrid(torch.arange(side, device=dev), torch.arange(side, device=dev), indexing="ij")
+            mask = ((xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2).float().reshape(1, nq)
+            mask = mask.expand(b, nq).clone()
+            mask[1] = torch.rand(nq, device=dev)
+            mask[2] = 0.0
+            mask[3] = 1.0
+        out = torch.full_like(q, float("nan"))
+        ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend="triton", out=out)
+        torch.cuda.synchronize()
+        assert not torch.isnan(out).any()
+        ref = _oracle_per_frame(q, k, v, kv_frames, source, mask)
+        err = _rel_err(out, ref)
+        tol = TOL[dtype] if form != "probs8" else 2e-2
+        assert err <= tol, f"relative error {err:.3g} > {tol:g}"
