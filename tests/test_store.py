@@ -4,7 +4,7 @@ import torch
 
 from fatezero_fast.errors import InputError
 from fatezero_fast.models import CONFIGS
-from fatezero_fast.store import FORMS, make_store, official_store_bytes
+from fatezero_fast.store import FORMS, estimate_store_bytes, make_store, official_store_bytes
 
 STEPS = 3
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
@@ -66,6 +66,14 @@ def test_official_store_size_formula_matches_full(edits):
     expected = official_store_bytes(dict(CONFIGS["tiny"]["unet"]), 128, 128, frames=inv.num_frames, steps=STEPS,
                                     sparse_causal_index=inv.attention.sparse_causal_index)
     assert inv.store.nbytes() == expected
+
+
+def test_size_estimates_match_measured_bytes_of_every_form(edits):
+    for form, (inv, _) in edits.items():
+        expected = estimate_store_bytes(form, dict(CONFIGS["tiny"]["unet"]), 128, 128, frames=inv.num_frames,
+                                        steps=STEPS, sparse_causal_index=inv.attention.sparse_causal_index,
+                                        model_bytes=4)
+        assert inv.store.nbytes() == expected, form
 
 
 def test_official_store_size_at_sd14_scale():
