@@ -56,21 +56,53 @@ def _add_video_args(p: argparse.ArgumentParser) -> None:
                    help="layers with at most this many query tokens are controlled (default 1024)")
 
 
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    from .store import FORMS, PLACEMENTS
+
+    p.add_argument("--store", default="recompute", choices=FORMS,
+                   help="how the source attention is kept: recompute (default, exact, ~nothing stored), qk, "
+                        "full (official fp32 maps), fp16, fp8, lowrank")
+    p.add_argument("--store-placement", default="host", choices=PLACEMENTS,
+                   help="where a stored form lives: device, host (pinned, prefetched) or disk")
+    p.add_argument("--store-rank", type=int, default=None, help="lowrank: rank per map (default 16)")
+    p.add_argument("--store-error", type=float, default=None,
+                   help="lowrank: smallest rank with relative error <= this, instead of --store-rank")
+
+
+def _make_store(args):
+    """The store the flags ask for; a disk store writes into a temporary folder until saved."""
+    import tempfile
+
+    from .store import make_store
+
+    folder = tempfile.mkdtemp(prefix="fatezero_fast_store_") if args.store_placement == "disk" else None
+    return make_store(args.store, placement=args.store_placement, folder=folder, rank=args.store_rank,
+                      error_budget=args.store_error)
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line with exit code 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see fatezero-fast {self.prog.split()[-1]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fatezero-fast", description="FateZero zero-shot video editing, "
+    parser = _OneLineParser(prog="fatezero-fast", description="FateZero zero-shot video editing, "
                                      "memory-optimized.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     edit = sub.add_parser("edit", help="invert a clip (or load an inversion) and edit it with target prompts")
     edit.add_argument("--config", help="an official FateZero YAML config (its keys as they are)")
     edit.add_argument("--inversion", help="a folder written by `fatezero-fast invert` (skips inversion)")
     _add_model_args(edit)
     _add_video_args(edit)
+    _add_store_args(edit)
     edit.add_argument("--target-prompt", action="append", help="target prompt (repeat for several edits)")
     edit.add_argument("--cross-replace-steps", type=float, default=0.8)
     edit.add_argument("--self-replace-steps", type=float, default=0.8)
@@ -88,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     invert = sub.add_parser("invert", help="DDIM-invert a clip and save the inversion for later edits")
     _add_model_args(invert)
     _add_video_args(invert)
+    _add_store_args(invert)
     _add_output_args(invert)
 
     sub.add_parser("info", help="backends, device and versions")
@@ -217,6 +250,14 @@ def _check_edits(pipe, run, source_prompt: str, steps: int) -> None:
             EditPlan.build(options, source_prompt, prompt, steps, pipe.tokenizer)
 
 
+def _report_store(inversion) -> None:
+    store = inversion.store
+    kept = inversion.latents.numel() * inversion.latents.element_size() + \
+        inversion.token_maps.numel() * inversion.token_maps.element_size()
+    print(f"attention store ({store.form}): {store.nbytes() / 1e6:.1f} MB; latents and mask maps: "
+          f"{kept / 1e6:.1f} MB", file=sys.stderr)
+
+
 def cmd_invert(args) -> None:
     from .pipeline import resolve_device
 
@@ -228,12 +269,16 @@ def cmd_invert(args) -> None:
     clip = _load_clip(run)
     if not run.source_prompt:
         raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
+    store = _make_store(args)
     pipe = _load_pipeline(run, args, device)
-    inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed)
+    inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed, store=store)
+    _report_store(inversion)
     inversion.model = run.model
     if out.exists():
         shutil.rmtree(out)
     inversion.save(out)
+    if store.placement == "disk":  # its steps were copied into the inversion folder
+        shutil.rmtree(store.folder, ignore_errors=True)
     print(f"saved the inversion ({inversion.num_frames} frames, {inversion.num_inference_steps} steps) to {out}")
 
 
@@ -263,11 +308,13 @@ def cmd_edit(args) -> None:
         raise InputError("no target prompt: pass --target-prompt or a --config with editing_prompts")
     if not run.source_prompt:
         raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
+    store = _make_store(args) if inversion is None else None
     pipe = _load_pipeline(run, args, device)
     steps = inversion.num_inference_steps if inversion is not None else run.num_inference_steps
     _check_edits(pipe, run, run.source_prompt, steps)
     if inversion is None:
-        inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed)
+        inversion = pipe.invert(clip, run.source_prompt, run.num_inference_steps, seed=run.seed, store=store)
+        _report_store(inversion)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -288,6 +335,8 @@ def cmd_edit(args) -> None:
     (out / "run.json").write_text(json.dumps({"source_prompt": inversion.source_prompt, "model": run.model,
                                               "steps": inversion.num_inference_steps, "edits": summary},
                                              indent=2, default=str))
+    if store is not None and store.placement == "disk":
+        shutil.rmtree(store.folder, ignore_errors=True)
 
 
 def cmd_info(args) -> None:

@@ -250,6 +250,19 @@ def test_invert_command_output(capsys, clip_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["inversion.json", "inversion.pt"]
 
 
+@pytest.mark.parametrize("store", [["--store", "qk"], ["--store", "fp8", "--store-placement", "disk"]])
+def test_invert_with_a_stored_form_then_edit(capsys, clip_dir, tmp_path, store):
+    inv, out = tmp_path / "inv", tmp_path / "out"
+    rc, stdout, err = run_cli(capsys, "invert", "--video", clip_dir, "--source-prompt", SOURCE, *TINY,
+                              *store, "-o", inv)
+    assert rc == 0, err
+    assert f"attention store ({store[1]})" in err
+    assert (inv / "store").is_dir() == ("disk" in store)
+    rc, stdout, err = run_cli(capsys, "edit", "--inversion", inv, "--target-prompt", TARGETS[0], "-o", out)
+    assert rc == 0, err
+    assert_edit_folder(out / "edit_00", frames=2)
+
+
 def test_absent_blend_word_warns_once_and_succeeds(capsys, inversion_dir, tmp_path):
     rc, stdout, err = run_cli(capsys, "edit", "--inversion", inversion_dir, "--target-prompt", TARGETS[0],
                               "--blend-words", "truck", "car", "--blend-self-attention", "-o", tmp_path / "out")
@@ -284,6 +297,15 @@ def test_existing_output_with_overwrite_is_replaced(capsys, inversion_dir, tmp_p
 # ---------------------------------------------------------------------------------------------
 # bad input: rc 2, one `error:` line, before any model work, nothing pre-existing touched
 # ---------------------------------------------------------------------------------------------
+def test_usage_errors_are_one_line(capsys, clip_dir, tmp_path, no_model_work):
+    for argv in (edit_args(clip_dir, tmp_path / "out", "--store", "zip"), edit_args(clip_dir, tmp_path / "o", "--steps", "abc")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
 def test_missing_video(capsys, tmp_path, no_model_work):
     assert_bad_input(capsys, tmp_path, edit_args(tmp_path / "nope.mp4", tmp_path / "out"), "video not found")
 
