@@ -336,9 +336,11 @@ class EditPlan:
         """(F, h*w) float mask, 1 = edit attention; None = full source (no blending)."""
         if not self.blend_self_attention:
             return None
-        mask = blend_mask(source_token_maps, self.blend_source_weights, self.blend_th[0], size)
+        from . import ops  # the fused op when built, else blend_mask above (ops imports this module)
+
+        mask = ops.blend_mask(source_token_maps, self.blend_source_weights, self.blend_th[0], size)
         if self.subtract_source_weights is not None:
-            mask &= ~blend_mask(source_token_maps, self.subtract_source_weights, self.blend_th[1], size, False)
+            mask &= ~ops.blend_mask(source_token_maps, self.subtract_source_weights, self.blend_th[1], size, False)
         return mask.flatten(1).float()
 
     # item 8
@@ -352,12 +354,14 @@ class EditPlan:
         start, end = self.latent_blend_window
         if not (self.blend_latents and start < step + 1 < end):
             return None
+        from . import ops  # the fused op when built, else blend_mask above (ops imports this module)
+
         th = self.blend_th
-        mask = blend_mask(source_token_maps, self.blend_source_weights, th[0], size) | \
-            blend_mask(edit_token_maps, self.blend_target_weights, th[0], size)
+        mask = ops.blend_mask(source_token_maps, self.blend_source_weights, th[0], size) | \
+            ops.blend_mask(edit_token_maps, self.blend_target_weights, th[0], size)
         if self.subtract_source_weights is not None:
-            mask &= ~(blend_mask(source_token_maps, self.subtract_source_weights, th[1], size, False) |
-                      blend_mask(edit_token_maps, self.subtract_target_weights, th[1], size, False))
+            mask &= ~(ops.blend_mask(source_token_maps, self.subtract_source_weights, th[1], size, False) |
+                      ops.blend_mask(edit_token_maps, self.subtract_target_weights, th[1], size, False))
         return mask
 
 

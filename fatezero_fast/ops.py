@@ -8,6 +8,9 @@ fused on the fly (../shared/DESIGN.md, "The one fused op"):
 with K/V gathered per query frame from `kv_frames` and P_s given as ("qk", q_s, k_s),
 ("probs", P_s[, row_scale]) or ("lowrank", U, W). The backends never build an Nq x Nk map
 (the reference does: it is the oracle for tests).
+
+`blend_mask` builds FateZero's binary blend mask (../shared/FATEZERO.md item 7) with the fused
+C++/CUDA op, bit for bit `control.blend_mask` (see backends/mask.py for the exact conditions).
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import warnings
 
 import torch
 
-from . import reference
-from .backends import cpu as _cpu, cuda as _cuda, triton as _triton
+from . import control, reference
+from .backends import cpu as _cpu, cuda as _cuda, mask as _mask, triton as _triton
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+BLEND_MASK_BACKENDS = ("auto", "cpu", "cuda", "reference")
 _SOURCE_FORMS = ("qk", "probs", "lowrank")
 _warned_fallback = False
 
@@ -122,3 +126,32 @@ def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_f
         return result if out is None else out.copy_(result)
     impl = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}[backend]
     return impl.blended_attention(q, k, v, kv_frames, source, mask, scale, out=out)
+
+
+def blend_mask(token_maps: torch.Tensor, weights: torch.Tensor, threshold: float, size, use_pool: bool = True,
+               backend: str = "auto", *, map_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """FateZero's blend mask (FATEZERO.md item 7): (F, h, w) bool, as `control.blend_mask`.
+
+    token_maps: (F, rh, rw, T) head- and layer-averaged cross maps, or (L, F, H, rh*rw, T) per
+    layer and head (averaged here in torch first; map_size = (rh, rw), square by default);
+    weights: (T,) token weights (0/1 for blend words); size: (h, w) of the mask. backend: "cpu" /
+    "cuda" (the fused op, float32 maps on that device), "reference" (control.blend_mask) or
+    "auto": the fused op when it is built for the maps' device and they are float32, else the
+    reference.
+    """
+    if backend not in BLEND_MASK_BACKENDS:
+        raise ValueError(f"unknown blend_mask backend {backend!r}: use one of {BLEND_MASK_BACKENDS}")
+    maps = _mask.average_maps(token_maps, map_size)
+    kind = maps.device.type
+    if backend == "auto":
+        use_op = kind in ("cpu", "cuda") and maps.dtype == torch.float32 and _mask.available(maps.device)
+        backend = kind if use_op else "reference"
+    elif backend != "reference":
+        if kind != backend:
+            raise ValueError(f"backend {backend!r} needs {backend} tensors; token_maps are on {maps.device}")
+        if not _mask.available(maps.device):
+            raise RuntimeError(f"the blend_mask op is not built for {backend} ({_mask.load_error() or 'no kernel'}): "
+                               "rebuild with `pip install --no-build-isolation -e .`")
+    if backend == "reference":
+        return control.blend_mask(maps, weights, threshold, size, use_pool)
+    return _mask.blend_mask(maps, weights, threshold, size, use_pool)
