@@ -23,6 +23,7 @@ from .errors import InputError
 from .processors import VideoAttentionConfig, install
 from .reference import ddim_inversion_step
 from .store import AttentionStore, make_store
+from .streaming import streaming_unet
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +43,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise InputError(f"chunk_size must be a positive number of frames (or None: all at once), got {chunk_size!r}")
+    return chunk_size
 
 
 @contextlib.contextmanager
@@ -117,8 +124,11 @@ class FateZeroPipeline:
     """Stable Diffusion components made into FateZero's video model (see `processors.install`)."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *,
-                 attention: VideoAttentionConfig | None = None, device=None, dtype=torch.float32):
+                 attention: VideoAttentionConfig | None = None, device=None, dtype=torch.float32,
+                 chunk_size: int | None = None):
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        # frames per branch that go through the UNet at once (fatezero_fast.streaming); None: all at once
+        self.chunk_size = _check_chunk_size(chunk_size)
         with _quiet_diffusers():  # its dtype-cast notice is not about anything the user did
             self.vae = vae.to(self.device, self.dtype).eval()
             self.unet = unet.to(self.device, self.dtype).eval()
@@ -191,23 +201,33 @@ class FateZeroPipeline:
         scheduler.set_timesteps(num_inference_steps)
         return scheduler, scheduler.timesteps
 
-    def _unet(self, branches: list[torch.Tensor], embeddings: list[torch.Tensor], t) -> torch.Tensor:
-        """One UNet call on branches of F frames each, branch b conditioned on embeddings[b]."""
+    def _unet(self, branches: list[torch.Tensor], embeddings: list[torch.Tensor], t,
+              chunk_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        """One UNet call on branches of F frames each, branch b conditioned on embeddings[b].
+
+        With chunk_size, the call runs layer-major over chunks of that many frames per branch
+        (fatezero_fast.streaming): the same result, device memory bounded by the chunk; `progress`
+        shows a bar over the chunks of the call when there are several."""
         f = branches[0].shape[0]
         sample = torch.cat(branches).to(self.device, self.dtype)
         context = torch.cat([e.expand(f, -1, -1) for e in embeddings])
-        return self.unet(sample, t, encoder_hidden_states=context).sample
+        if chunk_size is None:
+            return self.unet(sample, t, encoder_hidden_states=context).sample
+        return streaming_unet(self.unet, sample, t, context, num_frames=f, chunk_size=chunk_size, state=self.state,
+                              progress=progress and chunk_size < f)
 
     # -- the two phases
     @torch.no_grad()
     def invert(self, video: torch.Tensor | None = None, source_prompt: str = "", num_inference_steps: int = 50,
                *, latents: torch.Tensor | None = None, seed: int = 0, store: AttentionStore | str = "recompute",
-               progress: bool = True) -> Inversion:
+               progress: bool = True, chunk_size: int | None = None) -> Inversion:
         """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt.
 
         `store` keeps the source attention for the edits: a form name of fatezero_fast.store.FORMS
-        or an AttentionStore (for placement, rank, ...).
+        or an AttentionStore (for placement, rank, ...). `chunk_size` (default: the pipeline's)
+        runs the UNet over that many frames at a time, exactly (fatezero_fast.streaming).
         """
+        chunk_size = self.chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
         store = make_store(store) if isinstance(store, str) else store
         if (video is None) == (latents is None):
             raise InputError("give exactly one of video= or latents= to invert")
@@ -223,7 +243,7 @@ class FateZeroPipeline:
         for i in tqdm(range(steps), desc="inversion", disable=not progress):
             t = timesteps[steps - 1 - i]
             self.state.begin_call("invert", f, latent_size, capture_branch=0, store=store, store_step=i)
-            eps = self._unet([z], [cond], t)
+            eps = self._unet([z], [cond], t, chunk_size, progress)
             token_maps.append(self.state.captured_token_maps().cpu())
             store.end_step(i)
             z = ddim_inversion_step(eps, t, z, scheduler.alphas_cumprod.to(self.device),
@@ -236,8 +256,12 @@ class FateZeroPipeline:
 
     @torch.no_grad()
     def edit(self, inversion: Inversion, target_prompt: str, options: EditOptions | None = None, *,
-             decode: bool = True, progress: bool = True, **option_kwargs) -> EditResult:
-        """Denoise from the inversion with the target prompt, fusing the source attention (items 4-8)."""
+             decode: bool = True, progress: bool = True, chunk_size: int | None = None,
+             **option_kwargs) -> EditResult:
+        """Denoise from the inversion with the target prompt, fusing the source attention (items 4-8).
+
+        `chunk_size` (default: the pipeline's) runs the UNet over that many frames at a time, exactly."""
+        chunk_size = self.chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
         options = options or EditOptions(**option_kwargs)
         steps = inversion.num_inference_steps
         scheduler, timesteps = self._timesteps(steps)
@@ -258,7 +282,7 @@ class FateZeroPipeline:
             branches = [z] * len(embeddings)
             if store.recompute:
                 branches[0] = inversion.latents[steps - 1 - j]
-            eps = self._unet(branches, embeddings, t)
+            eps = self._unet(branches, embeddings, t, chunk_size, progress)
             eps_edit = eps[-f:]
             if cfg:
                 eps_uncond = eps[-2 * f:-f]

@@ -12,11 +12,16 @@ last. With the recompute store the editing batch is [source, (uncond,) target]: 
 branch re-evaluates inversion on the stored inversion latent with the source prompt (exact).
 With any other store the batch is [(uncond,) target] and the source comes from the store,
 which the inversion filled through the same processors.
+
+Chunked (layer-major) execution (fatezero_fast.streaming): `FateZeroState.chunk` says that the
+rows of the current call are frames [start, stop) of every branch and, for attn1, carries the
+keys/values of the frames those queries attend to (gathered by the runner over the whole clip).
+Stores are filled at the clip's last chunk; captured maps are written per frame range.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +50,21 @@ class VideoAttentionConfig:
 
 
 @dataclass
+class ChunkView:
+    """Rows of the current call are frames [start, stop) of every branch (chunked execution).
+
+    kv: for attn1, (k, v, frames): keys and values (B*S, H, N, D) of the S sorted clip frames
+    `frames` of each branch (branch-major), at least those that the chunk's queries attend to.
+    all_keys: () -> (B*F, H, N, D) keys of all frames, for stores captured at inversion.
+    """
+
+    start: int
+    stop: int
+    kv: tuple | None = None
+    all_keys: Callable[[], torch.Tensor] | None = None
+
+
+@dataclass
 class FateZeroState:
     """What the processors and norms need to know about the current UNet call."""
 
@@ -59,8 +79,11 @@ class FateZeroState:
     source_branch: int = 0                   # batch branch holding the source (edit mode)
     source_token_maps: torch.Tensor | None = None  # (F, rh, rw, 77) this step's inversion maps
     capture_branch: int | None = None        # branch whose mask-level cross maps are recorded
+    chunk: ChunkView | None = None           # chunked execution: which frames the rows are (None: all)
     _captured: list = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
+    _chunk_maps: dict = field(default_factory=dict)   # layer -> (F, rh, rw, 77) buffer in _captured
+    _pending: dict = field(default_factory=dict)      # per-chunk tensors awaiting the clip's last chunk
 
     # -- geometry
     def level_size(self, tokens: int) -> tuple[int, int]:
@@ -89,11 +112,38 @@ class FateZeroState:
         self.plan, self.step, self.source_token_maps = plan, step, source_token_maps
         self.store, self.store_step = store or RecomputeStore(), store_step
         self.capture_branch = capture_branch
-        self._captured, self._masks = [], {}
+        self.chunk = None
+        self._captured, self._masks, self._chunk_maps, self._pending = [], {}, {}, {}
+
+    # -- chunked execution
+    @property
+    def rows_per_branch(self) -> int:
+        """Frames of each branch in the current call's rows (all frames unless chunked)."""
+        return self.num_frames if self.chunk is None else self.chunk.stop - self.chunk.start
+
+    @property
+    def frame_slice(self) -> slice:
+        """The clip frames the current call's rows hold, in each branch."""
+        return slice(0, self.num_frames) if self.chunk is None else slice(self.chunk.start, self.chunk.stop)
+
+    def collect(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Gather per-chunk rows (B*c, ...) of one layer; at the clip's last chunk return all (B*F, ...)."""
+        parts = self._pending.setdefault(key, [])
+        done = sum(p.shape[0] for p in parts) // max(1, x.shape[0] // self.rows_per_branch)
+        if done != self.chunk.start:
+            raise RuntimeError(f"chunks of {key} arrived out of order: expected frame {done}, got {self.chunk.start}")
+        parts.append(x)
+        if self.chunk.stop < self.num_frames:
+            return None
+        del self._pending[key]
+        branches = x.shape[0] // self.rows_per_branch
+        full = torch.cat([p.reshape(branches, -1, *p.shape[1:]) for p in parts], dim=1)
+        return full.reshape(-1, *x.shape[1:])
 
     def source_rows(self) -> slice:
         """Rows of the batch holding the source branch (recompute store only)."""
-        return slice(self.source_branch * self.num_frames, (self.source_branch + 1) * self.num_frames)
+        rows = self.rows_per_branch
+        return slice(self.source_branch * rows, (self.source_branch + 1) * rows)
 
     def captured_token_maps(self) -> torch.Tensor | None:
         """Mean over the mask-level layers of the recorded (F, rh, rw, 77) maps of this call."""
@@ -101,9 +151,16 @@ class FateZeroState:
             return None
         return torch.stack(self._captured).mean(0)
 
-    def record(self, head_mean_probs: torch.Tensor) -> None:
+    def record(self, head_mean_probs: torch.Tensor, layer: str | None = None) -> None:
         rh, rw = self.level_size(head_mean_probs.shape[1])
-        self._captured.append(head_mean_probs.reshape(self.num_frames, rh, rw, -1).float())
+        maps = head_mean_probs.reshape(self.rows_per_branch, rh, rw, -1).float()
+        if self.chunk is None:
+            self._captured.append(maps)
+            return
+        if layer not in self._chunk_maps:  # the whole clip's buffer, filled chunk by chunk
+            self._chunk_maps[layer] = maps.new_zeros(self.num_frames, rh, rw, maps.shape[-1])
+            self._captured.append(self._chunk_maps[layer])
+        self._chunk_maps[layer][self.frame_slice] = maps
 
     def self_blend_mask(self, tokens: int) -> torch.Tensor | None:
         if tokens not in self._masks:
@@ -133,36 +190,83 @@ class SpatioTemporalAttnProcessor:
         self.index_list = list(index_list)
         self.name = name
 
+    def key_value(self, attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame keys and values (B*F, H, N, D) of the (normalised) input rows."""
+        return _split_heads(attn, attn.to_k(hidden_states)), _split_heads(attn, attn.to_v(hidden_states))
+
+    def _captures(self, tokens: int) -> bool:
+        st = self.state
+        return st.controls(tokens) and st.mode == "invert" and not st.store.recompute
+
+    def kv_frames_needed(self, tokens: int) -> torch.Tensor:
+        """Sorted clip frames whose keys/values a chunked call of this layer must be given."""
+        if self._captures(tokens):  # the store keeps every frame's keys
+            return torch.arange(self.state.num_frames)
+        return resolve_frame_index(self.index_list, self.state.num_frames).unique()
+
+    def kv_frames_for(self, start: int, stop: int) -> torch.Tensor:
+        """Sorted clip frames the queries of frames [start, stop) attend to."""
+        return resolve_frame_index(self.index_list, self.state.num_frames)[start:stop].unique()
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         if attention_mask is not None or hidden_states.dim() != 3:
             raise NotImplementedError("spatio-temporal self-attention takes (B*F, N, C) input without a mask")
         st = self.state
         q = _split_heads(attn, attn.to_q(hidden_states))
-        k = _split_heads(attn, attn.to_k(hidden_states))
-        v = _split_heads(attn, attn.to_v(hidden_states))
         f, tokens = st.num_frames, q.shape[2]
         local = resolve_frame_index(self.index_list, f).to(q.device)
-        branches = q.shape[0] // f
+        view = st.chunk
+        if view is None:
+            k, v = self.key_value(attn, hidden_states)
+            kf = f  # key frames per branch
+        else:  # queries of frames [start, stop); k/v of `frames` of each branch, gathered by the runner
+            k, v, frames = view.kv
+            frames = frames.to(q.device)
+            kf = frames.numel()
+            clip_local, local = local, torch.searchsorted(frames, local[view.start:view.stop])
+        qf = st.rows_per_branch
+        branches = q.shape[0] // qf
         controlled = st.controls(tokens)
         if controlled and st.mode == "invert":
-            st.store.capture_self(st.store_step, self.name, q, k, local, attn.scale)
+            if view is None:
+                st.store.capture_self(st.store_step, self.name, q, k, local, attn.scale)
+            elif not st.store.recompute:
+                q_all = st.collect(self.name, q)
+                if q_all is not None:
+                    st.store.capture_self(st.store_step, self.name, q_all, view.all_keys(), clip_local, attn.scale)
         edit = controlled and st.mode == "edit" and st.plan.replaces_self(st.step)
-        plain_rows = (branches - 1) * f if edit else branches * f  # the target branch is last
+        plain = branches - 1 if edit else branches  # the target branch is last
         out = torch.empty_like(q)
-        if plain_rows:
-            offsets = torch.arange(0, plain_rows, f, device=q.device)[:, None, None]
-            kv_frames = (local[None] + offsets).reshape(plain_rows, -1)
-            ops.blended_attention(q[:plain_rows], k[:plain_rows], v[:plain_rows], kv_frames=kv_frames,
-                                  scale=attn.scale, backend=st.config.backend, out=out[:plain_rows])
+        if plain:
+            offsets = torch.arange(0, plain * kf, kf, device=q.device)[:, None, None]
+            kv_frames = (local[None] + offsets).reshape(plain * qf, -1)
+            ops.blended_attention(q[:plain * qf], k[:plain * kf], v[:plain * kf], kv_frames=kv_frames,
+                                  scale=attn.scale, backend=st.config.backend, out=out[:plain * qf])
         if edit:
-            src = st.source_rows()
-            source = ("qk", q[src], k[src]) if st.store.recompute else st.store.self_source(st.store_step, self.name)
-            tgt = slice(plain_rows, plain_rows + f)
-            ops.blended_attention(q[tgt], k[tgt], v[tgt], kv_frames=local, source=source,
-                                  mask=st.self_blend_mask(tokens), scale=attn.scale,
-                                  backend=st.config.backend, out=out[tgt])
+            if st.store.recompute:
+                src = slice(st.source_branch * kf, (st.source_branch + 1) * kf)
+                source = ("qk", q[st.source_rows()], k[src])
+            else:
+                source = st.store.self_source(st.store_step, self.name)
+                if view is not None:
+                    source = _chunk_of_source(source, st.frame_slice, frames)
+            mask = st.self_blend_mask(tokens)
+            if mask is not None and view is not None:
+                mask = mask[st.frame_slice]
+            tgt, ktgt = slice(plain * qf, (plain + 1) * qf), slice(plain * kf, (plain + 1) * kf)
+            ops.blended_attention(q[tgt], k[ktgt], v[ktgt], kv_frames=local, source=source,
+                                  mask=mask, scale=attn.scale, backend=st.config.backend, out=out[tgt])
         return _merge_heads_and_project(attn, out, hidden_states)
+
+
+def _chunk_of_source(source: tuple, rows: slice, frames: torch.Tensor) -> tuple:
+    """A stored whole-clip source restricted to query frames `rows` and key frames `frames`."""
+    form = source[0]
+    if form == "qk":
+        _, q_s, k_s = source
+        return "qk", q_s[rows], k_s[frames.to(k_s.device)]
+    return (form,) + tuple(t[rows] for t in source[1:])  # probs (+ fp8 row scale), lowrank U and W
 
 
 class FateZeroCrossAttnProcessor:
@@ -180,7 +284,7 @@ class FateZeroCrossAttnProcessor:
         q = _split_heads(attn, attn.to_q(hidden_states))
         k = _split_heads(attn, attn.to_k(context))
         v = _split_heads(attn, attn.to_v(context))
-        f, tokens = st.num_frames, q.shape[2]
+        f, tokens = st.rows_per_branch, q.shape[2]
         controlled = st.controls(tokens)
         fuse = controlled and st.mode == "edit"
         store = controlled and st.mode == "invert" and not st.store.recompute
@@ -190,14 +294,18 @@ class FateZeroCrossAttnProcessor:
             return _merge_heads_and_project(attn, out, hidden_states)
         if attention_mask is not None:
             raise NotImplementedError("controlled cross-attention takes no attention mask")
-        probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        dt = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 upcast; fp64 (exactness tests) stays
+        probs = torch.softmax(torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
         if capture:
             rows = slice(st.capture_branch * f, (st.capture_branch + 1) * f)
-            st.record(probs[rows].mean(1))
+            st.record(probs[rows].mean(1), self.name)
         if store:
-            st.store.capture_cross(st.store_step, self.name, probs.to(v.dtype))
+            kept = probs.to(v.dtype) if st.chunk is None else st.collect(self.name, probs.to(v.dtype))
+            if kept is not None:
+                st.store.capture_cross(st.store_step, self.name, kept)
         if fuse:
-            p_src = probs[st.source_rows()] if st.store.recompute else st.store.cross_source(st.store_step, self.name)
+            p_src = probs[st.source_rows()] if st.store.recompute else \
+                st.store.cross_source(st.store_step, self.name)[st.frame_slice]
             tgt = slice(probs.shape[0] - f, probs.shape[0])
             probs[tgt] = st.plan.fuse_cross(p_src, probs[tgt], st.step)
         out = torch.matmul(probs.to(v.dtype), v)

@@ -1,0 +1,179 @@
+"""Chunked, layer-major UNet execution (fatezero_fast.streaming) equals the unchunked video model.
+
+All on the random tiny model, non-square (8x5 latents: levels 8x5, 4x3, 2x2, 1x1) and with 5 frames,
+so chunk sizes 2 and 3 leave a short last chunk. fp32 runs are compared at 1e-5 relative
+(max|a-b|/max|b|): that is close to the fp32 noise of this model once guidance 7.5 amplifies it
+(the unchunked model with the reference attention backend instead of the C++ kernel differs from
+itself by ~6e-6 after 3 steps), so the float64 runs carry the exactness claim, at 1e-12.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fatezero_fast.errors import InputError
+from fatezero_fast.groupnorm import ClipGroupNorm
+from fatezero_fast.models import random_components
+from fatezero_fast.pipeline import FateZeroPipeline
+from fatezero_fast.processors import VideoAttentionConfig, install
+from fatezero_fast.streaming import _Clip, _Runner, streaming_unet
+from fatezero_fast.video import make_sample_clip
+
+SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
+FRAMES, LATENT = 5, (8, 5)
+# self-attention blended by the 'car' mask (steps [0, 0.8 T)), latent blend (needs T >= 3), guidance 7.5
+EDIT = dict(blend_words=[["car"], ["car"]], blend_self_attention=True, blend_latents=True, guidance_scale=7.5)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def components():
+    """The tiny model's parts, never installed: each pipeline below gets its own copy."""
+    return random_components("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def latents():
+    torch.manual_seed(0)
+    return torch.randn(FRAMES, 4, *LATENT)
+
+
+def make_pipeline(components, index_list, dtype=torch.float32, backend="auto", least_sc_channel=None):
+    parts = copy.deepcopy(components)  # the pipeline moves and installs its parts in place
+    config = VideoAttentionConfig(sparse_causal_index=index_list, backend=backend, least_sc_channel=least_sc_channel)
+    return FateZeroPipeline(**parts, device="cpu", dtype=dtype, attention=config)
+
+
+def invert_and_edit(pipe, chunk_size, *, steps=2, latents=None, video=None, store="recompute", decode=False):
+    inversion = pipe.invert(video, SOURCE, steps, latents=latents, seed=3, store=store, progress=False,
+                            chunk_size=chunk_size)
+    return inversion, pipe.edit(inversion, TARGET, progress=False, decode=decode, chunk_size=chunk_size, **EDIT)
+
+
+def assert_same_run(chunked, unchunked, tol):
+    (inv_c, edit_c), (inv_u, edit_u) = chunked, unchunked
+    assert rel_err(inv_c.latents, inv_u.latents) <= tol
+    assert rel_err(inv_c.token_maps, inv_u.token_maps) <= tol
+    assert rel_err(edit_c.latents, edit_u.latents) <= tol
+    assert set(edit_c.masks) == set(edit_u.masks) and "self_attention" in edit_u.masks
+    for name, mask in edit_u.masks.items():
+        assert torch.equal(edit_c.masks[name], mask), name
+
+
+# --- one UNet call --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("index_list,least_sc,chunk", [(["mid"], None, 1), ([-1, "first"], 48, 2),
+                                                       ([-2, -1], None, 3), (["first"], None, 8)])
+def test_one_unet_call_equals_unchunked(components, index_list, least_sc, chunk):
+    unet = copy.deepcopy(components["unet"])
+    state = install(unet, VideoAttentionConfig(sparse_causal_index=index_list, least_sc_channel=least_sc))
+    state.begin_call("plain", FRAMES, LATENT)
+    torch.manual_seed(1)
+    sample, context = torch.randn(2 * FRAMES, 4, *LATENT), torch.randn(2 * FRAMES, 77, 32)
+    with torch.no_grad():
+        expected = unet(sample, 500, encoder_hidden_states=context).sample
+        out = streaming_unet(unet, sample, torch.tensor(500), context, num_frames=FRAMES, chunk_size=chunk,
+                             state=state)
+    assert out.shape == expected.shape and state.chunk is None
+    assert rel_err(out, expected) <= 1e-5
+
+
+def test_stock_unet_without_fatezero(components):
+    """A UNet without FateZero's processors and norms is per frame: chunks change nothing."""
+    unet = copy.deepcopy(components["unet"])
+    torch.manual_seed(2)
+    sample, context = torch.randn(2 * FRAMES, 4, *LATENT), torch.randn(2 * FRAMES, 77, 32)
+    with torch.no_grad():
+        expected = unet(sample, 300, encoder_hidden_states=context).sample
+        out = streaming_unet(unet, sample, 300, context, num_frames=FRAMES, chunk_size=2)
+    assert rel_err(out, expected) <= 1e-5
+
+
+def test_modules_see_one_chunk_at_a_time(components):
+    """Every layer of the UNet (but the tiny time embedding) runs on at most branches*chunk frames."""
+    unet = copy.deepcopy(components["unet"])
+    state = install(unet, VideoAttentionConfig(sparse_causal_index=[-1, "first"]))
+    state.begin_call("plain", FRAMES, LATENT)
+    rows, hooks = [], []
+    for name, module in unet.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)) and "time_emb" not in name:
+            hooks.append(module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0])))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        streaming_unet(unet, torch.randn(3 * FRAMES, 4, *LATENT), 500, torch.randn(3 * FRAMES, 77, 32),
+                       num_frames=FRAMES, chunk_size=2, state=state)
+    for hook in hooks:
+        hook.remove()
+    assert rows and max(rows) == 3 * 2
+
+
+def test_clip_group_norm_over_chunks_and_concatenated_inputs():
+    """Clip statistics from per-chunk moments, groups straddling a concatenation (6 + 10 channels, groups of 4)."""
+    torch.manual_seed(4)
+    norm = nn.GroupNorm(4, 16).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    clip_norm = ClipGroupNorm(norm, lambda: FRAMES)
+    parts = [torch.randn(2 * FRAMES, ch, 3, 5, dtype=torch.float64) * 3 + 1 for ch in (6, 10)]
+    runner = _Runner(None, None, FRAMES, 2, 2, torch.device("cpu"), offload=False, progress=False)
+    clips = []
+    for x in parts:
+        clip, grouped = _Clip(runner), x.view(2, FRAMES, *x.shape[1:])
+        for a, e in runner.bounds:
+            clip.write(a, e, grouped[:, a:e].reshape(-1, *x.shape[1:]))
+        clips.append(clip)
+    apply = runner.norm(clip_norm, clips)
+    out = torch.cat([apply(torch.cat([c.read(a, e) for c in clips], 1)).view(2, e - a, 16, 3, 5)
+                     for a, e in runner.bounds], dim=1)
+    expected = clip_norm(torch.cat(parts, 1)).view(2, FRAMES, 16, 3, 5)
+    assert rel_err(out, expected) <= 1e-12
+
+
+# --- whole inversions and edits -------------------------------------------------------------------
+
+@pytest.mark.parametrize("index_list,chunk", [(["mid"], 3), (["first"], 1), ([-1, "first"], 2), ([-2, -1], 3)])
+def test_invert_and_edit_equal_unchunked(components, latents, index_list, chunk):
+    pipe = make_pipeline(components, index_list)
+    unchunked = invert_and_edit(pipe, None, latents=latents)
+    assert_same_run(invert_and_edit(pipe, chunk, latents=latents), unchunked, 1e-5)
+
+
+@pytest.mark.parametrize("form", ["qk", "full"])
+def test_stored_attention_in_chunks(components, latents, form):
+    """Stores filled at inversion in chunks (all frames' Q/K or maps) and read back per chunk."""
+    pipe = make_pipeline(components, [-1, "first"])
+    unchunked = invert_and_edit(pipe, None, latents=latents, store=form)
+    chunked = invert_and_edit(pipe, 2, latents=latents, store=form)
+    assert_same_run(chunked, unchunked, 1e-5)
+    store_c, store_u = chunked[0].store, unchunked[0].store
+    assert store_c.breakdown() == store_u.breakdown() and store_c.nbytes() > 0
+
+
+def test_non_square_clip_end_to_end_is_exact_in_float64(components):
+    """A 64x40 (height x width) clip through the VAE, a 3-step inversion, an edit with every blend (latent
+    blend too) and decoding, in chunks of 2 frames. In float64 (reference attention) chunked and unchunked
+    runs agree to rounding: the algorithm is exact, the fp32 differences above are float noise."""
+    pipe = make_pipeline(components, [-1, "first"], dtype=torch.float64, backend="reference")
+    clip = make_sample_clip(FRAMES, 40, 64)
+    unchunked = invert_and_edit(pipe, None, steps=3, video=clip, decode=True)
+    chunked = invert_and_edit(pipe, 2, steps=3, video=clip, decode=True)
+    assert chunked[0].latents.shape[-2:] == LATENT and chunked[1].frames.shape == (FRAMES, 3, 64, 40)
+    assert set(chunked[1].masks) == {"self_attention", "latents"}
+    assert_same_run(chunked, unchunked, 1e-12)
+    assert rel_err(chunked[1].frames, unchunked[1].frames) <= 1e-6  # decoded frames are returned in fp32
+
+
+def test_chunk_size_is_checked(components, latents):
+    pipe = make_pipeline(components, ["mid"])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="chunk_size"):
+            pipe.invert(latents=latents, source_prompt=SOURCE, num_inference_steps=1, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        streaming_unet(pipe.unet, latents, 1, torch.zeros(FRAMES, 77, 32), num_frames=FRAMES, chunk_size=0)
+    with pytest.raises(ValueError, match="whole number"):
+        streaming_unet(pipe.unet, latents, 1, torch.zeros(FRAMES, 77, 32), num_frames=3, chunk_size=1)
