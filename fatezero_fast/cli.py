@@ -36,6 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "reference"],
                    help="attention kernel backend")
     p.add_argument("--seed", type=int, default=None, help="seed of the VAE posterior sample (default 0)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="run the UNet over this many frames at a time (exact; memory then depends on the "
+                        "chunk, not the clip length); default: all frames at once")
 
 
 def _add_video_args(p: argparse.ArgumentParser) -> None:
@@ -188,6 +191,8 @@ def _run_config(args):
     if args.max_control_tokens is not None:
         run.attention.max_control_tokens = args.max_control_tokens
     run.attention.backend = args.backend
+    if getattr(args, "chunk_size", None) is not None and args.chunk_size <= 0:
+        raise InputError(f"--chunk-size must be a positive number of frames, got {args.chunk_size}")
     if run.num_inference_steps <= 0:
         raise InputError(f"--steps must be positive, got {run.num_inference_steps}")
     return run
@@ -220,9 +225,11 @@ def _load_pipeline(run, args, device):
         print("note: no --model given: using the built-in tiny model with RANDOM weights, so the frames are "
               "noise-like; pass --model /path/to/stable-diffusion-v1-4 (a local diffusers-format folder) "
               "for real edits", file=sys.stderr)
-        return FateZeroPipeline.tiny_random(seed=0, device=device, dtype=dtype, attention=run.attention)
+        return FateZeroPipeline.tiny_random(seed=0, device=device, dtype=dtype, attention=run.attention,
+                                            chunk_size=args.chunk_size)
     torch.manual_seed(run.seed)
-    return FateZeroPipeline.from_pretrained(run.model, device=device, dtype=dtype, attention=run.attention)
+    return FateZeroPipeline.from_pretrained(run.model, device=device, dtype=dtype, attention=run.attention,
+                                            chunk_size=args.chunk_size)
 
 
 def _load_clip(run):

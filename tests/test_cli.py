@@ -297,6 +297,21 @@ def test_existing_output_with_overwrite_is_replaced(capsys, inversion_dir, tmp_p
 # ---------------------------------------------------------------------------------------------
 # bad input: rc 2, one `error:` line, before any model work, nothing pre-existing touched
 # ---------------------------------------------------------------------------------------------
+def test_chunked_edit_equals_unchunked(capsys, inversion_dir, tmp_path):
+    frames = {}
+    for name, extra in (("whole", []), ("chunked", ["--chunk-size", "1"])):
+        out = tmp_path / name
+        rc, stdout, err = run_cli(capsys, "edit", "--inversion", inversion_dir, "--target-prompt", TARGETS[0],
+                                  *extra, "-o", out)
+        assert rc == 0, err
+        frames[name] = np.asarray(Image.open(out / "edit_00" / "frames" / "0000.png"), dtype=np.int16)
+    assert np.abs(frames["whole"] - frames["chunked"]).max() <= 1  # uint8 rounding of fp32-equal frames
+
+
+def test_bad_chunk_size(capsys, clip_dir, tmp_path, no_model_work):
+    assert_bad_input(capsys, tmp_path, edit_args(clip_dir, tmp_path / "out", "--chunk-size", "0"), "--chunk-size")
+
+
 def test_usage_errors_are_one_line(capsys, clip_dir, tmp_path, no_model_work):
     for argv in (edit_args(clip_dir, tmp_path / "out", "--store", "zip"), edit_args(clip_dir, tmp_path / "o", "--steps", "abc")):
         with pytest.raises(SystemExit) as exit_info:
