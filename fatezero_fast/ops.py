@@ -56,7 +56,10 @@ def _check_inputs(q, k, v, kv_frames, source, mask):
         raise ValueError(f"head dim {d} is not supported: use a multiple of 8 up to 256")
     if kv_frames.dim() != 2 or kv_frames.shape[0] != b:
         raise ValueError(f"kv_frames must be (B, R) with B={b}; got {tuple(kv_frames.shape)}")
-    if kv_frames.numel() and (int(kv_frames.min()) < 0 or int(kv_frames.max()) >= k.shape[0]):
+    # bounds are checked for host tensors only: reading a GPU tensor's values would stall the stream
+    # on every call (the processors build kv_frames from resolve_frame_index, in range by construction)
+    if kv_frames.device.type == "cpu" and kv_frames.numel() and \
+            (int(kv_frames.min()) < 0 or int(kv_frames.max()) >= k.shape[0]):
         raise ValueError(f"kv_frames must index k/v's first axis [0, {k.shape[0]}); got values "
                          f"in [{int(kv_frames.min())}, {int(kv_frames.max())}]")
     if mask is not None and tuple(mask.shape) != (b, nq):

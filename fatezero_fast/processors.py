@@ -20,6 +20,7 @@ Stores are filled at the clip's last chunk; captured maps are written per frame 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -168,6 +169,12 @@ class FateZeroState:
         return self._masks[tokens]
 
 
+@functools.lru_cache(maxsize=64)
+def _frame_index_on(index_list: tuple, num_frames: int, device: torch.device) -> torch.Tensor:
+    """resolve_frame_index, built once per device (no host-to-device copy on every layer call)."""
+    return resolve_frame_index(list(index_list), num_frames).to(device)
+
+
 def _split_heads(attn, x: torch.Tensor) -> torch.Tensor:
     bf, n, _ = x.shape
     return x.view(bf, n, attn.heads, -1).transpose(1, 2)
@@ -215,7 +222,7 @@ class SpatioTemporalAttnProcessor:
         st = self.state
         q = _split_heads(attn, attn.to_q(hidden_states))
         f, tokens = st.num_frames, q.shape[2]
-        local = resolve_frame_index(self.index_list, f).to(q.device)
+        local = _frame_index_on(tuple(self.index_list), f, q.device)
         view = st.chunk
         if view is None:
             k, v = self.key_value(attn, hidden_states)
