@@ -116,8 +116,8 @@ class AttentionStore:
         return self._source_from(self._step(step)[layer])
 
     def cross_source(self, step: int, layer: str) -> torch.Tensor:
-        """The source cross-attention map (F, H, N, 77) for this layer and inversion step."""
-        return self._step(step)[layer][0].float()
+        """The source cross-attention map (F, H, N, 77) for this layer and inversion step, as kept."""
+        return self._step(step)[layer][0]
 
     # -- accounting
     def nbytes(self) -> int:

@@ -112,3 +112,25 @@ def test_disk_placement(tiny_pipeline, latents, edits, tmp_path):
 def test_bad_store_settings(kwargs):
     with pytest.raises(InputError):
         make_store(**kwargs)
+
+
+def test_recompute_equals_stored_source_in_float64():
+    """In float64 the fp32 noise is gone: re-evaluating the source branch beside the edit is the
+    stored-inversion computation itself, with a mixed self-attention blend mask and latent blend."""
+    from fatezero_fast.pipeline import FateZeroPipeline
+    from fatezero_fast.processors import VideoAttentionConfig
+
+    pipe = FateZeroPipeline.tiny_random(seed=0, device="cpu", dtype=torch.float64,
+                                        attention=VideoAttentionConfig(backend="reference"))
+    latents = torch.randn(3, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    options = dict(cross_replace_steps=0.8, self_replace_steps=0.8, blend_words=[["car"], ["car"]],
+                   blend_self_attention=True, blend_latents=True, blend_th=(0.97, 0.97), is_replace_controller=True)
+    results = {}
+    for form in ("recompute", "qk"):
+        inversion = pipe.invert(None, SOURCE, 6, latents=latents, store=form, progress=False)
+        results[form] = pipe.edit(inversion, TARGET, decode=False, progress=False, **options)
+    masks = results["qk"].masks
+    assert 0 < masks["self_attention"].mean() < 1 and 0 < masks["latents"].mean() < 1  # mixed masks
+    for name in masks:
+        assert torch.equal(masks[name], results["recompute"].masks[name])
+    assert rel_err(results["qk"].latents, results["recompute"].latents) < 1e-12
