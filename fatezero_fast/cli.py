@@ -225,6 +225,8 @@ def _load_pipeline(run, args, device):
         print("note: no --model given: using the built-in tiny model with RANDOM weights, so the frames are "
               "noise-like; pass --model /path/to/stable-diffusion-v1-4 (a local diffusers-format folder) "
               "for real edits", file=sys.stderr)
+        if device.type == "cpu":
+            torch.set_num_threads(1)  # the tiny model's tensors are too small to share between threads
         return FateZeroPipeline.tiny_random(seed=0, device=device, dtype=dtype, attention=run.attention,
                                             chunk_size=args.chunk_size)
     torch.manual_seed(run.seed)
