@@ -7,8 +7,10 @@ through its own entry point (test_fatezero.py's click command `run --config ...`
 teaser configs, shrunk for the machine: the model is a random-weight one in the official format
 (built here: unet/*.bin with SD-1.4's config keys, text encoder pytorch_model.bin, CLIP tokenizer),
 the clip is the package's procedural sample clip, and frames, size and steps are small. Each case
-runs twice in fresh processes (official, patched), and the script prints and writes JSON with the
-max abs difference of the final edited latents of every edit prompt, peak host RSS and times.
+runs in fresh processes (official, patched; --variants adds official-1thread, the official code's
+own rounding floor), and the script prints and writes JSON with the max abs difference of the
+inverted and final edited latents (each edit prompt) against the first variant, peak host RSS,
+times and the bytes the attention stores hold.
 
 It needs an environment where the official code runs: diffusers 0.11.1, transformers 4.25.1,
 accelerate 0.15.0, einops, omegaconf, click, imageio(-ffmpeg), opencv (see the shared notes on
@@ -44,10 +46,12 @@ CASES = {
     "style": dict(config="config/teaser/jeep_watercolor.yaml", frames=4, size=256, heads=2,
                   about="refine (+ eq_params on the 2nd prompt), self-replace, no blend"),
     "shape": dict(config="config/teaser/jeep_posche_local_latent_blend.yaml", frames=3, size=512, heads=1,
-                  about="replace + blend words + blend_self_attention + blend_latents"),
-    "posche": dict(config="config/teaser/jeep_posche.yaml", frames=3, size=512, heads=1,
+                  blend_th=0.8, about="replace + blend words + blend_self_attention + blend_latents"),
+    "posche": dict(config="config/teaser/jeep_posche.yaml", frames=3, size=512, heads=1, blend_th=0.8,
                    about="refine + eq + blend words, then replace + blend words"),
 }
+# blend_th: the random text encoder's cross maps are flat: at the configs' 0.3 every blend mask is all
+# ones (edit everywhere, the source unused); at 0.8 about 70% of the rows edit, 30% keep the source.
 
 SD14_WIDTHS = (320, 640, 1280, 1280)
 MODELS = {
@@ -130,6 +134,10 @@ def write_config(src: Path, case: dict, model: Path, frames_dir: Path, logdir: P
     cfg.dataset_config.n_sample_frame = case["frames"]
     cfg.dataset_config.image_size = case["size"]
     cfg.editing_config.num_inference_steps = steps
+    if case.get("blend_th") is not None:
+        for entry in (cfg.editing_config.get("p2p_config") or {}).values():
+            if "blend_th" in entry:
+                entry.blend_th = [case["blend_th"]] * 2
     least = cfg.get("model_config", {}).get("least_sc_channel")
     if least is not None and model_kind != "sd14":  # the same levels as SD-1.4: map SD's widths to the model's
         widths = MODELS[model_kind]["block_out_channels"]
@@ -284,8 +292,9 @@ def run_case(name: str, case: dict, args, src: Path, work: Path) -> dict:
     if not frames.exists():
         make_frames(frames, case["frames"], case["size"])
     out = {"case": name, "about": case["about"], "config": case["config"], "frames": case["frames"],
-           "size": case["size"], "heads": case["heads"], "steps": args.steps, "model": args.model,
-           "precision": args.precision, "store": args.store}
+           "size": case["size"], "heads": case["heads"], "blend_th": case.get("blend_th"), "steps": args.steps,
+           "model": args.model, "precision": args.precision, "store": args.store,
+           "threads": args.threads or torch.get_num_threads()}
     latents = {}
     for variant in args.variants:
         run_dir = work / f"{name}-{variant}"
@@ -327,6 +336,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, help="override every case's frame count")
     parser.add_argument("--size", type=int, help="override every case's frame size (px, multiple of 8)")
     parser.add_argument("--heads", type=int, help="override every case's head count")
+    parser.add_argument("--blend-th", type=float, help="override the blend threshold of every case that blends")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--store", default="qk", help="patch(store=...): qk, full, fp16, fp8, lowrank")
@@ -364,7 +374,7 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         case = dict(CASES[name])
-        for key in ("frames", "size", "heads"):
+        for key in ("frames", "size", "heads", "blend_th"):
             if getattr(args, key) is not None:
                 case[key] = getattr(args, key)
         result = run_case(name, case, args, src, work)

@@ -6,14 +6,21 @@ transformers, accelerate, einops, omegaconf, click, opencv, imageio). They run i
 processes, so the stand-in modules other tests install (test_official_semantics.py) cannot mix
 with it:
 
-- layer level (this file run as a script): the same tiny official UNet driven by official
-  controllers, once with the official registration and once patched, at every UNet call of an
-  inversion and of three edits (refine + eq, replace + blend words + blend_self_attention +
-  blend_latents, an unknown controller subclass);
+- layer level (this file run as a script): two copies of the same tiny official UNet driven by
+  official controllers, one registered by the official register_attention_control, one patched,
+  through an inversion and three edits (refine + eq, replace + blend words +
+  blend_self_attention + blend_latents, an unknown controller subclass), at latents where every
+  level is controlled and where one is not, and with a disk_store controller. fp64 (reference
+  backend): the free-running trajectories agree to ~1e-14, i.e. the semantics are the official
+  ones; fp32 (the C++ kernel): every UNet call and step callback, fed the official trajectory,
+  agrees within 1e-5. Counters, position dicts, blend masks and store contents are compared too.
 - pipeline level (benchmarks/compare_official.py): test_fatezero.py's own entry point on the
-  official teaser configs, shrunk; final edited latents compared.
+  official teaser configs, shrunk; final edited latents compared. Free-running fp32 edits amplify
+  rounding (classifier-free guidance, DDIM at high noise): the official code run on one thread
+  instead of two differs from itself by 1.5e-5 to 4e-5 relative after 5-10 steps here, so the
+  patched run must be within max(1e-5, 2 x that floor), measured in the same test.
 
-Equal means fp32 CPU relative error (max |a - b| / max |a|) <= 1e-5.
+Relative error: max |a - b| / max |a|.
 """
 from __future__ import annotations
 
@@ -147,8 +154,8 @@ def test_official_pipeline_gives_the_same_edits(case, tmp_path):
     assert result["official"]["official_self_maps"] > 0
     assert result["patched"]["official_self_maps"] == 0 and result["patched"]["side_store_bytes"] > 0
     assert result["patched"]["official_store_bytes"] < result["official"]["official_store_bytes"]
-    if case == "shape":  # the latent blend mask (source mask + source mask: 0 or 2) mixes both latents
-        assert 0 < result["official"]["latent_blend_mask_mean"][0] < 2, result["official"]
+    if case == "shape":  # the blend masks really mix source and edit (latent blend: the source words' mask)
+        assert 0 < result["official"]["latent_blend_mask_mean"][0] < 1, result["official"]
 
 
 # ---------------------------------------------------------------- the layer-level check itself
@@ -215,7 +222,7 @@ def _layers(mode: str, out_path: str, src: str) -> None:
 
     exact = mode == "fp64"
     dtype = torch.float64 if exact else torch.float32
-    fatezero.patch(store="qk", backend="reference" if exact else "auto")
+    fatezero.patch(store=os.environ.get("FATEZERO_COMPAT_STORE", "qk"), backend="reference" if exact else "auto")
     official_register = fatezero.official_register_attention_control()
     assert au.register_attention_control is fatezero.register_attention_control
     work = Path(tempfile.mkdtemp(prefix="compat_layers_"))
