@@ -327,9 +327,17 @@ class EditPlan:
         alpha = self.cross_alpha[step].to(dev, dt)
         return alpha * base + (1 - alpha) * p_edit
 
+    def fuses_cross(self, step: int) -> bool:
+        """Does step `step` mix any source into the cross maps? (With every alpha 0 the fusion is P_edit.)"""
+        return bool(self.cross_alpha[step].any())
+
     # item 6
     def replaces_self(self, step: int) -> bool:
         return self.self_window[0] <= step < self.self_window[1]
+
+    def uses_source(self, step: int) -> bool:
+        """Does any layer read the source attention at step `step`?"""
+        return self.replaces_self(step) or self.fuses_cross(step)
 
     # item 7: mask for the self-attention blend, from the source maps of this step
     def self_blend_mask(self, source_token_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:

@@ -3,8 +3,9 @@
 One inversion serves any number of edits (FATEZERO.md items 2 and 4). The source attention is
 not stored: each editing step re-evaluates the source branch on the stored inversion latent
 with the source prompt in the same UNet batch as the edit ("recompute"), which is the very
-computation that produced the inversion maps. Only the latents and, per step, the head- and
-layer-averaged 16x16 cross maps needed by the blend masks are kept.
+computation that produced the inversion maps; it runs only as far into the UNet, and at only
+the steps, that the fusion needs (fatezero_fast.source_branch). Only the latents and, per step,
+the head- and layer-averaged 16x16 cross maps needed by the blend masks are kept.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .control import EditOptions, EditPlan, blend_latents
 from .errors import InputError
 from .processors import VideoAttentionConfig, install
 from .reference import ddim_inversion_step
+from .source_branch import drop_source_branch, source_exit_block
 from .store import AttentionStore, make_store
 from .streaming import streaming_unet
 
@@ -202,19 +204,23 @@ class FateZeroPipeline:
         return scheduler, scheduler.timesteps
 
     def _unet(self, branches: list[torch.Tensor], embeddings: list[torch.Tensor], t,
-              chunk_size: int | None = None, progress: bool = False) -> torch.Tensor:
+              chunk_size: int | None = None, progress: bool = False,
+              drop_first_branch_at: int | None = None) -> torch.Tensor:
         """One UNet call on branches of F frames each, branch b conditioned on embeddings[b].
 
         With chunk_size, the call runs layer-major over chunks of that many frames per branch
         (fatezero_fast.streaming): the same result, device memory bounded by the chunk; `progress`
-        shows a bar over the chunks of the call when there are several."""
+        shows a bar over the chunks of the call when there are several. With drop_first_branch_at
+        = i, branch 0 leaves the batch before up_blocks[i] and is not in the output
+        (fatezero_fast.source_branch)."""
         f = branches[0].shape[0]
         sample = torch.cat(branches).to(self.device, self.dtype)
         context = torch.cat([e.expand(f, -1, -1) for e in embeddings])
         if chunk_size is None:
-            return self.unet(sample, t, encoder_hidden_states=context).sample
+            with drop_source_branch(self.unet, self.state, drop_first_branch_at):
+                return self.unet(sample, t, encoder_hidden_states=context).sample
         return streaming_unet(self.unet, sample, t, context, num_frames=f, chunk_size=chunk_size, state=self.state,
-                              progress=progress and chunk_size < f)
+                              progress=progress and chunk_size < f, drop_first_branch_at=drop_first_branch_at)
 
     # -- the two phases
     @torch.no_grad()
@@ -269,20 +275,23 @@ class FateZeroPipeline:
         src_cond, tgt_cond = self.encode_prompt(inversion.source_prompt), self.encode_prompt(target_prompt)
         cfg = options.guidance_scale != 1
         store = inversion.store
-        # branches: [source (recompute only), uncond (with guidance), target]
-        embeddings = ([src_cond] if store.recompute else []) + ([self.encode_prompt("")] if cfg else []) + [tgt_cond]
+        edit_embeddings = ([self.encode_prompt("")] if cfg else []) + [tgt_cond]  # [uncond (with guidance), target]
         z = inversion.latents[steps].to(self.device, self.dtype)
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
         edit_maps_sum, masks = None, {"self_attention": [], "latents": []}
         for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
             source_maps = inversion.token_maps[steps - 1 - j].to(self.device)
+            # recompute: the source branch goes first, at the steps that fuse it (fatezero_fast.source_branch)
+            with_source = store.recompute and plan.uses_source(j)
+            embeddings = ([src_cond] if with_source else []) + edit_embeddings
             self.state.begin_call("edit", f, latent_size, plan=plan, step=j, store=store, store_step=steps - 1 - j,
                                   source_token_maps=source_maps,
                                   capture_branch=len(embeddings) - 1 if plan.blend_latents else None)
             branches = [z] * len(embeddings)
-            if store.recompute:
+            if with_source:
                 branches[0] = inversion.latents[steps - 1 - j]
-            eps = self._unet(branches, embeddings, t, chunk_size, progress)
+            exit_block = source_exit_block(self.unet, self.state) if with_source else None
+            eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
             eps_edit = eps[-f:]
             if cfg:
                 eps_uncond = eps[-2 * f:-f]

@@ -146,6 +146,11 @@ class FateZeroState:
         rows = self.rows_per_branch
         return slice(self.source_branch * rows, (self.source_branch + 1) * rows)
 
+    def drop_first_branch(self) -> None:
+        """Branch 0 (the recompute source) left the batch mid-call (fatezero_fast.source_branch)."""
+        if self.capture_branch is not None:
+            self.capture_branch -= 1
+
     def captured_token_maps(self) -> torch.Tensor | None:
         """Mean over the mask-level layers of the recorded (F, rh, rw, 77) maps of this call."""
         if not self._captured:
@@ -293,7 +298,7 @@ class FateZeroCrossAttnProcessor:
         v = _split_heads(attn, attn.to_v(context))
         f, tokens = st.rows_per_branch, q.shape[2]
         controlled = st.controls(tokens)
-        fuse = controlled and st.mode == "edit"
+        fuse = controlled and st.mode == "edit" and st.plan.fuses_cross(st.step)
         store = controlled and st.mode == "invert" and not st.store.recompute
         capture = self.is_mask_layer and st.capture_branch is not None and tokens == st.mask_level_tokens()
         if not (fuse or store or capture):

@@ -61,6 +61,7 @@ class _Clip:
     def __init__(self, runner: "_Runner", stats: bool = True):
         self.runner, self.keep_stats = runner, stats
         self.data: torch.Tensor | None = None
+        self.dropped = 0  # leading branches of `data` that left the batch (`without_first_branch`)
         self.stats: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk, (B, C)
 
     @property
@@ -83,8 +84,16 @@ class _Clip:
     def read(self, a: int, e: int) -> torch.Tensor:
         """Frames [a, e) as device rows (B*c, ...) (issued on the current stream)."""
         r = self.runner
-        x = self.data[a:e].to(r.device, non_blocking=r.pin)
+        # the whole (contiguous) chunk is copied, dropped branches are sliced off on the device
+        x = self.data[a:e].to(r.device, non_blocking=r.pin)[:, self.dropped:]
         return x.transpose(0, 1).reshape((r.branches * (e - a),) + tuple(x.shape[2:]))
+
+    def without_first_branch(self) -> "_Clip":
+        """The same activation without branch 0 (a view: nothing is copied)."""
+        clip = _Clip(self.runner, self.keep_stats)
+        clip.data, clip.dropped = self.data, self.dropped + 1
+        clip.stats = [(n, mean[1:], m2[1:]) for n, mean, m2 in self.stats]
+        return clip
 
     def channel_stats(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(count, mean, M2) per (branch, channel) over all frames, float64 (parallel-variance combination)."""
@@ -196,6 +205,13 @@ class _Runner:
         c = self.context
         c = c.reshape(self.branches, self.num_frames, *c.shape[1:])[:, a:e]
         return c.reshape(-1, *c.shape[2:]).to(self.device)
+
+    def drop_first_branch(self) -> None:
+        """Branch 0 leaves the batch: later modules see the other branches only."""
+        self.branches -= 1
+        self.context = self.context[self.num_frames:]
+        if self.state is not None:
+            self.state.drop_first_branch()
 
     def set_chunk(self, a: int, e: int, **kwargs) -> None:
         if self.state is not None:
@@ -425,7 +441,8 @@ def _check_supported(unet) -> None:
 @torch.no_grad()
 def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                    num_frames: int, chunk_size: int, state: FateZeroState | None = None,
-                   offload: bool | None = None, progress: bool = False) -> torch.Tensor:
+                   offload: bool | None = None, progress: bool = False,
+                   drop_first_branch_at: int | None = None) -> torch.Tensor:
     """`unet(sample, timestep, encoder_hidden_states).sample`, computed layer-major in chunks of frames.
 
     sample: (B*F, C, h, w), branches of `num_frames` frames each (FateZero's batch layout);
@@ -433,7 +450,9 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
     FateZeroState of `processors.install` (its begin_call done); chunk_size frames of every branch
     go through each module at once. offload (default: on CUDA) keeps the clip's activations in
     pinned host memory between modules; otherwise they stay on the device. Returns (B*F, C_out, h, w)
-    on the UNet's device, equal to the unchunked call up to float rounding.
+    on the UNet's device, equal to the unchunked call up to float rounding. With
+    `drop_first_branch_at` = i, branch 0 leaves the batch before up_blocks[i] and the output has
+    the other branches only (fatezero_fast.source_branch).
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -455,14 +474,14 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
     runner = _Runner(unet, state, num_frames, rows // num_frames, chunk_size, device, offload, progress)
     runner.context = encoder_hidden_states
     try:
-        return _forward(runner, sample.to(device, unet.dtype), timestep)
+        return _forward(runner, sample.to(device, unet.dtype), timestep, drop_first_branch_at)
     finally:
         runner.bar.close()
         if state is not None:
             state.chunk = None
 
 
-def _forward(r: _Runner, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+def _forward(r: _Runner, sample: torch.Tensor, timestep: torch.Tensor, drop_first_branch_at: int | None) -> torch.Tensor:
     unet = r.unet
     # time embedding of every row, (B*F, C_t): tiny, and row for row the unchunked arithmetic
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
@@ -486,6 +505,10 @@ def _forward(r: _Runner, sample: torch.Tensor, timestep: torch.Tensor) -> torch.
     # up blocks upsample to the skip's size when the sample is not a multiple of the overall factor
     forward_size = any(s % 2 ** unet.num_upsamplers for s in sample.shape[-2:])
     for i, block in enumerate(unet.up_blocks):
+        if i == drop_first_branch_at:
+            h, skips = h.without_first_branch(), [s.without_first_branch() for s in skips]
+            emb = emb[f:]  # rows are branch-major
+            r.drop_first_branch()
         taken = skips[-len(block.resnets):]
         del skips[-len(block.resnets):]
         size = tuple(skips[-1].shape[-2:]) if forward_size and i < len(unet.up_blocks) - 1 else None
@@ -493,7 +516,7 @@ def _forward(r: _Runner, sample: torch.Tensor, timestep: torch.Tensor) -> torch.
 
     # output head, gathered on the device (the output has the latents' few channels)
     norm = r.norm(unet.conv_norm_out, [h]) if unet.conv_norm_out is not None else None
-    out = None
+    out, b = None, r.branches
     for a, e, (rows,) in r.chunks([h]):
         if norm is not None:
             rows = unet.conv_act(norm(rows))
