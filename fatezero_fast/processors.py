@@ -79,7 +79,7 @@ class FateZeroState:
     store_step: int = 0                      # inversion call whose attention is captured or fused
     source_branch: int = 0                   # batch branch holding the source (edit mode)
     source_token_maps: torch.Tensor | None = None  # (F, rh, rw, 77) this step's inversion maps
-    capture_branch: int | None = None        # branch whose mask-level cross maps are recorded
+    capture_branch: int | None = None        # branch whose mask-level cross maps are recorded (-1: the last)
     chunk: ChunkView | None = None           # chunked execution: which frames the rows are (None: all)
     _captured: list = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
@@ -148,7 +148,7 @@ class FateZeroState:
 
     def drop_first_branch(self) -> None:
         """Branch 0 (the recompute source) left the batch mid-call (fatezero_fast.source_branch)."""
-        if self.capture_branch is not None:
+        if self.capture_branch is not None and self.capture_branch >= 0:
             self.capture_branch -= 1
 
     def captured_token_maps(self) -> torch.Tensor | None:
@@ -309,7 +309,8 @@ class FateZeroCrossAttnProcessor:
         dt = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 upcast; fp64 (exactness tests) stays
         probs = torch.softmax(torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
         if capture:
-            rows = slice(st.capture_branch * f, (st.capture_branch + 1) * f)
+            branch = st.capture_branch % (probs.shape[0] // f)  # negative: from the end
+            rows = slice(branch * f, (branch + 1) * f)
             st.record(probs[rows].mean(1), self.name)
         if store:
             kept = probs.to(v.dtype) if st.chunk is None else st.collect(self.name, probs.to(v.dtype))
