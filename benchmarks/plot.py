@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Plots of a bench_attention.py JSON result: median time per implementation, one panel per
-(shape, index list), modes on the x axis (log scale), and peak extra memory likewise.
+(shape, index list), modes on the x axis (log scale), and peak extra memory likewise; of a
+bench_pipeline.py result: memory against frames.
 
     python benchmarks/plot.py benchmarks/results/attention_cpu.json [--out DIR]
+    python benchmarks/plot.py benchmarks/results/pipeline_cpu.json [--out DIR]
 
 Writes <DIR>/<json stem>_time.png and <json stem>_memory.png (DIR defaults to the JSON's folder).
 Needs matplotlib; without it, prints a message and exits 0 (nothing else depends on the plots).
@@ -21,9 +23,43 @@ def family(impl):
     return impl.replace(" x2+lerp", "").replace(" qk", "")
 
 
+def plot_pipeline(result, out_dir, stem, plt):
+    """Peak GPU memory, peak host RSS and the official store (computed) against frames, log-log;
+    one line per chunk setting. Failed configurations show only their computed store."""
+    records = result["records"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    chunks = list(dict.fromkeys(str(r.get("chunk_size")) for r in records))
+    for j, chunk in enumerate(chunks):
+        rows = sorted((r for r in records if str(r.get("chunk_size")) == chunk and r.get("status") == "ok"),
+                      key=lambda r: r["frames"])
+        label = "unchunked" if chunk == "None" else f"chunk {chunk}"
+        for key, style, what in (("peak_gpu_allocated_bytes", "-o", "peak GPU"), ("peak_rss_bytes", "--s", "peak RSS")):
+            points = [(r["frames"], r[key] / 1e9) for r in rows if r.get(key)]
+            if points:
+                ax.plot(*zip(*points), style, color=f"C{j}", label=f"{what}, {label}")
+    official = sorted({(r["frames"], r["official_store_bytes_50_steps"]) for r in records})
+    ax.plot([f for f, _ in official], [b / 1e9 for _, b in official], ":^", color="gray",
+            label="official store, 50 steps (computed)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("frames")
+    ax.set_ylabel("GB")
+    env = result.get("environment", {})
+    first = records[0]
+    ax.set_title(f"{env.get('device', '?')} | {first.get('model')} {first.get('size')}px {first.get('dtype')} | "
+                 f"store {first.get('store')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{stem}_memory.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot.py: wrote {path}")
+    return 0
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="plot a bench_attention.py JSON result")
-    p.add_argument("json", help="result file written by benchmarks/bench_attention.py")
+    p = argparse.ArgumentParser(description="plot a bench_attention.py or bench_pipeline.py JSON result")
+    p.add_argument("json", help="result file written by benchmarks/bench_attention.py or bench_pipeline.py")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: the JSON's folder)")
     args = p.parse_args(argv)
     try:
@@ -37,13 +73,15 @@ def main(argv=None):
 
     with open(args.json) as f:
         result = json.load(f)
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.json))
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(args.json))[0]
+    if result["records"] and "official_store_bytes_50_steps" in result["records"][0]:  # bench_pipeline.py
+        return plot_pipeline(result, out_dir, stem, plt)
     records = [r for r in result["records"] if r.get("status") == "ok"]
     if not records:
         print(f"plot.py: no successful records in {args.json}")
         return 1
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.json))
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(args.json))[0]
     panels = sorted({(r["latent"], r["index_name"]) for r in records}, key=lambda k: (-k[0], k[1]))
     modes = [m for m in ("plain", "replace", "blend0", "blend20", "blend50") if any(r["mode"] == m for r in records)]
     impls = list(dict.fromkeys(family(r["impl"]) for r in records))

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .chunking import auto_chunk_size
 from .control import EditOptions, EditPlan, blend_latents
 from .errors import InputError
+from .latents import DTYPE_NAMES, DiskLatents, dtype_from_name, new_latents
 from .processors import VideoAttentionConfig, install
 from .reference import ddim_inversion_step
 from .source_branch import drop_source_branch, source_exit_block
@@ -47,9 +49,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_chunk_size(chunk_size: int | None) -> int | None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise InputError(f"chunk_size must be a positive number of frames (or None: all at once), got {chunk_size!r}")
+def _check_chunk_size(chunk_size: int | str | None) -> int | str | None:
+    if chunk_size is None or chunk_size == "auto":
+        return chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise InputError(f"chunk_size must be a positive number of frames, 'auto' (from the free GPU memory) "
+                         f"or None (all at once), got {chunk_size!r}")
     return chunk_size
 
 
@@ -67,9 +72,10 @@ def _quiet_diffusers():
 
 @dataclass
 class Inversion:
-    """A DDIM-inverted clip: everything an edit needs, on the CPU.
+    """A DDIM-inverted clip: everything an edit needs, on the CPU (or on disk).
 
-    latents: (T+1, F, 4, h, w), latents[i] = z_i (z_0 the encoded clip, z_T the noisiest);
+    latents: (T+1, F, 4, h, w), latents[i] = z_i (z_0 the encoded clip, z_T the noisiest): a host
+    tensor, or a fatezero_fast.latents.DiskLatents (one file per step) read a step at a time;
     token_maps: (T, F, rh, rw, 77), the source cross maps of inversion call i averaged over the
     heads and layers of the mask level.
     """
@@ -87,14 +93,25 @@ class Inversion:
     def num_frames(self) -> int:
         return self.latents.shape[1]
 
+    def latent(self, step: int, device=None, dtype=None) -> torch.Tensor:
+        """z_step (F, 4, h, w), read from wherever the latents are kept, on `device` in `dtype`."""
+        return self.latents[step].to(device=device, dtype=dtype)
+
     def save(self, folder: str | Path) -> Path:
+        """inversion.json + inversion.pt, and store/ and latents/ for what is kept on disk (latents on
+        disk are copied into latents/, which this inversion then reads)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        on_disk = isinstance(self.latents, DiskLatents)
+        if on_disk:
+            self.latents = self.latents.copy_to(folder / "latents")
+        latents = dict(placement="disk" if on_disk else "host", dtype=DTYPE_NAMES[self.latents.dtype],
+                       shape=list(self.latents.shape))
         meta = dict(source_prompt=self.source_prompt, num_inference_steps=self.num_inference_steps,
-                    attention=asdict(self.attention), model=self.model, format=1)
+                    attention=asdict(self.attention), model=self.model, latents=latents, format=1)
         (folder / "inversion.json").write_text(json.dumps(meta, indent=2))
-        torch.save({"latents": self.latents, "token_maps": self.token_maps, "frames": self.frames,
-                    "store": self.store.state_dict()}, folder / "inversion.pt")
+        torch.save({"latents": None if on_disk else self.latents, "token_maps": self.token_maps,
+                    "frames": self.frames, "store": self.store.state_dict()}, folder / "inversion.pt")
         if self.store.placement == "disk" and self.store.folder.resolve() != (folder / "store").resolve():
             shutil.copytree(self.store.folder, folder / "store", dirs_exist_ok=True)
         return folder
@@ -110,7 +127,11 @@ class Inversion:
         saved = tensors["store"]
         store = make_store(saved["form"], placement=saved["placement"], folder=folder / "store")
         store.load_state_dict(saved)
-        return cls(meta["source_prompt"], meta["num_inference_steps"], tensors["latents"], tensors["token_maps"],
+        latents = tensors["latents"]
+        if meta.get("latents", {}).get("placement") == "disk":
+            kept = meta["latents"]
+            latents = DiskLatents(folder / "latents", kept["shape"], dtype_from_name(kept["dtype"])).check()
+        return cls(meta["source_prompt"], meta["num_inference_steps"], latents, tensors["token_maps"],
                    VideoAttentionConfig(**meta["attention"]), store, tensors.get("frames"), meta.get("model"))
 
 
@@ -127,10 +148,12 @@ class FateZeroPipeline:
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *,
                  attention: VideoAttentionConfig | None = None, device=None, dtype=torch.float32,
-                 chunk_size: int | None = None):
+                 chunk_size: int | str | None = None):
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        # frames per branch that go through the UNet at once (fatezero_fast.streaming); None: all at once
+        # frames per branch that go through the UNet at once (fatezero_fast.streaming); None: all at once;
+        # "auto": chosen per call shape from the free GPU memory (fatezero_fast.chunking)
         self.chunk_size = _check_chunk_size(chunk_size)
+        self._auto_chunks: dict[tuple, int | None] = {}
         with _quiet_diffusers():  # its dtype-cast notice is not about anything the user did
             self.vae = vae.to(self.device, self.dtype).eval()
             self.unet = unet.to(self.device, self.dtype).eval()
@@ -184,17 +207,24 @@ class FateZeroPipeline:
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor, generator: torch.Generator | None = None,
                      chunk: int = 8) -> torch.Tensor:
-        """(F, 3, H, W) in [-1, 1] -> (F, 4, H/8, W/8) latents (posterior sample times the VAE scale)."""
-        frames = frames.to(self.device, self.dtype)
-        latents = [self.vae.encode(frames[i:i + chunk]).latent_dist.sample(generator)
+        """(F, 3, H, W) in [-1, 1] -> (F, 4, H/8, W/8) latents (posterior sample times the VAE scale).
+
+        The clip stays where it is: `chunk` frames at a time go to the device."""
+        latents = [self.vae.encode(frames[i:i + chunk].to(self.device, self.dtype)).latent_dist.sample(generator)
                    for i in range(0, len(frames), chunk)]
         return torch.cat(latents) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """(F, 4, h, w) -> (F, 3, H, W) fp32 frames in [-1, 1] on the CPU, `chunk` frames at a time."""
         latents = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
-        frames = [self.vae.decode(latents[i:i + chunk]).sample for i in range(0, len(latents), chunk)]
-        return torch.cat(frames).float().clamp(-1, 1).cpu()
+        frames = None
+        for i in range(0, len(latents), chunk):
+            x = self.vae.decode(latents[i:i + chunk]).sample.float().clamp(-1, 1).cpu()
+            if frames is None:
+                frames = torch.empty((len(latents),) + tuple(x.shape[1:]))
+            frames[i:i + len(x)] = x
+        return frames
 
     def _timesteps(self, num_inference_steps: int):
         if num_inference_steps <= 0:
@@ -214,6 +244,8 @@ class FateZeroPipeline:
         = i, branch 0 leaves the batch before up_blocks[i] and is not in the output
         (fatezero_fast.source_branch)."""
         f = branches[0].shape[0]
+        if chunk_size == "auto":
+            chunk_size = self.auto_chunk_size(f, len(branches), tuple(branches[0].shape[-2:]))
         sample = torch.cat(branches).to(self.device, self.dtype)
         context = torch.cat([e.expand(f, -1, -1) for e in embeddings])
         if chunk_size is None:
@@ -222,19 +254,32 @@ class FateZeroPipeline:
         return streaming_unet(self.unet, sample, t, context, num_frames=f, chunk_size=chunk_size, state=self.state,
                               progress=progress and chunk_size < f, drop_first_branch_at=drop_first_branch_at)
 
+    def auto_chunk_size(self, frames: int, branches: int, latent_size: tuple[int, int]) -> int | None:
+        """What chunk_size="auto" runs a UNet call of this shape with (chosen once per shape)."""
+        key = (frames, branches, tuple(latent_size))
+        if key not in self._auto_chunks:
+            self._auto_chunks[key] = auto_chunk_size(self.unet.config, self.device, self.dtype, frames, branches,
+                                                     latent_size)
+        return self._auto_chunks[key]
+
     # -- the two phases
     @torch.no_grad()
     def invert(self, video: torch.Tensor | None = None, source_prompt: str = "", num_inference_steps: int = 50,
                *, latents: torch.Tensor | None = None, seed: int = 0, store: AttentionStore | str = "recompute",
-               progress: bool = True, chunk_size: int | None = None) -> Inversion:
+               progress: bool = True, chunk_size: int | str | None = None,
+               latents_dtype: str | torch.dtype | None = None, latents_folder: str | Path | None = None) -> Inversion:
         """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt.
 
         `store` keeps the source attention for the edits: a form name of fatezero_fast.store.FORMS
         or an AttentionStore (for placement, rank, ...). `chunk_size` (default: the pipeline's)
-        runs the UNet over that many frames at a time, exactly (fatezero_fast.streaming).
+        runs the UNet over that many frames at a time, exactly (fatezero_fast.streaming); "auto"
+        picks it from the free GPU memory. The latents of every step are kept in `latents_dtype`
+        (default: the model's, exactly what the steps computed; "fp16" halves an fp32 model's), in
+        host memory or, with `latents_folder`, one file per step there (read back a step at a time).
         """
         chunk_size = self.chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
         store = make_store(store) if isinstance(store, str) else store
+        keep_dtype = self.dtype if latents_dtype is None else resolve_dtype(latents_dtype)
         if (video is None) == (latents is None):
             raise InputError("give exactly one of video= or latents= to invert")
         scheduler, timesteps = self._timesteps(num_inference_steps)
@@ -244,20 +289,25 @@ class FateZeroPipeline:
         z = latents.to(self.device, self.dtype)
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
         cond = self.encode_prompt(source_prompt)
-        all_latents, token_maps = [z.cpu()], []
         steps = len(timesteps)
+        kept = new_latents((steps + 1,) + tuple(z.shape), keep_dtype, latents_folder)
+        kept[0] = z.cpu()
+        token_maps = None
         for i in tqdm(range(steps), desc="inversion", disable=not progress):
             t = timesteps[steps - 1 - i]
             self.state.begin_call("invert", f, latent_size, capture_branch=0, store=store, store_step=i)
             eps = self._unet([z], [cond], t, chunk_size, progress)
-            token_maps.append(self.state.captured_token_maps().cpu())
+            maps = self.state.captured_token_maps().cpu()
+            if token_maps is None:
+                token_maps = torch.empty((steps,) + tuple(maps.shape), dtype=maps.dtype)
+            token_maps[i] = maps
             store.end_step(i)
             z = ddim_inversion_step(eps, t, z, scheduler.alphas_cumprod.to(self.device),
                                     scheduler.final_alpha_cumprod.to(self.device),
                                     scheduler.config.num_train_timesteps, steps).to(self.dtype)
-            all_latents.append(z.cpu())
+            kept[i + 1] = z.cpu()
         self.state.begin_call("plain", 1, latent_size)
-        return Inversion(source_prompt, steps, torch.stack(all_latents), torch.stack(token_maps),
+        return Inversion(source_prompt, steps, kept, token_maps,
                          copy.deepcopy(self.state.config), store, None if video is None else video.float().cpu())
 
     @torch.no_grad()
@@ -276,7 +326,7 @@ class FateZeroPipeline:
         cfg = options.guidance_scale != 1
         store = inversion.store
         edit_embeddings = ([self.encode_prompt("")] if cfg else []) + [tgt_cond]  # [uncond (with guidance), target]
-        z = inversion.latents[steps].to(self.device, self.dtype)
+        z = inversion.latent(steps, self.device, self.dtype)
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
         edit_maps_sum, masks = None, {"self_attention": [], "latents": []}
         for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
@@ -289,7 +339,7 @@ class FateZeroPipeline:
                                   capture_branch=len(embeddings) - 1 if plan.blend_latents else None)
             branches = [z] * len(embeddings)
             if with_source:
-                branches[0] = inversion.latents[steps - 1 - j]
+                branches[0] = inversion.latent(steps - 1 - j, self.device, self.dtype)
             exit_block = source_exit_block(self.unet, self.state) if with_source else None
             eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
             eps_edit = eps[-f:]
@@ -304,7 +354,7 @@ class FateZeroPipeline:
                 edit_maps_sum = captured if edit_maps_sum is None else edit_maps_sum + captured
                 mask = plan.latent_blend_mask(j, source_maps, edit_maps_sum, latent_size)
                 if mask is not None:
-                    z = blend_latents(z, inversion.latents[steps - j], mask)
+                    z = blend_latents(z, inversion.latent(steps - j, self.device, self.dtype), mask)
                     masks["latents"].append(mask.float())
         self.state.begin_call("plain", 1, latent_size)
         masks = {k: torch.stack(v).cpu() for k, v in masks.items() if v}

@@ -263,6 +263,26 @@ def test_invert_with_a_stored_form_then_edit(capsys, clip_dir, tmp_path, store):
     assert_edit_folder(out / "edit_00", frames=2)
 
 
+def test_invert_latents_fp16_on_disk_then_edit(capsys, clip_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    inv, out = tmp_path / "inv", tmp_path / "out"
+    rc, stdout, err = run_cli(capsys, "invert", "--video", clip_dir, "--source-prompt", SOURCE, *TINY,
+                              "--latents-dtype", "fp16", "--latents-placement", "disk", "-o", inv)
+    assert rc == 0, err
+    assert "latents (on disk, float16)" in err
+    assert sorted(p.name for p in (inv / "latents").iterdir()) == ["step_0000.pt", "step_0001.pt", "step_0002.pt"]
+    meta = json.loads((inv / "inversion.json").read_text())
+    assert meta["latents"] == {"placement": "disk", "dtype": "fp16", "shape": [3, 2, 4, 8, 8]}
+    assert not any(temp.iterdir())  # the temporary latents folder is gone
+    rc, stdout, err = run_cli(capsys, "edit", "--inversion", inv, "--target-prompt", TARGETS[0], "-o", out)
+    assert rc == 0, err
+    assert_edit_folder(out / "edit_00", frames=2)
+
+
 def test_absent_blend_word_warns_once_and_succeeds(capsys, inversion_dir, tmp_path):
     rc, stdout, err = run_cli(capsys, "edit", "--inversion", inversion_dir, "--target-prompt", TARGETS[0],
                               "--blend-words", "truck", "car", "--blend-self-attention", "-o", tmp_path / "out")
@@ -299,13 +319,14 @@ def test_existing_output_with_overwrite_is_replaced(capsys, inversion_dir, tmp_p
 # ---------------------------------------------------------------------------------------------
 def test_chunked_edit_equals_unchunked(capsys, inversion_dir, tmp_path):
     frames = {}
-    for name, extra in (("whole", []), ("chunked", ["--chunk-size", "1"])):
+    for name, extra in (("whole", []), ("chunked", ["--chunk-size", "1"]), ("auto", ["--chunk-size", "auto"])):
         out = tmp_path / name
         rc, stdout, err = run_cli(capsys, "edit", "--inversion", inversion_dir, "--target-prompt", TARGETS[0],
                                   *extra, "-o", out)
         assert rc == 0, err
         frames[name] = np.asarray(Image.open(out / "edit_00" / "frames" / "0000.png"), dtype=np.int16)
     assert np.abs(frames["whole"] - frames["chunked"]).max() <= 1  # uint8 rounding of fp32-equal frames
+    assert np.array_equal(frames["whole"], frames["auto"])  # auto on the CPU: all frames at once
 
 
 def test_bad_chunk_size(capsys, clip_dir, tmp_path, no_model_work):
@@ -313,7 +334,9 @@ def test_bad_chunk_size(capsys, clip_dir, tmp_path, no_model_work):
 
 
 def test_usage_errors_are_one_line(capsys, clip_dir, tmp_path, no_model_work):
-    for argv in (edit_args(clip_dir, tmp_path / "out", "--store", "zip"), edit_args(clip_dir, tmp_path / "o", "--steps", "abc")):
+    for argv in (edit_args(clip_dir, tmp_path / "out", "--store", "zip"), edit_args(clip_dir, tmp_path / "o", "--steps", "abc"),
+                 edit_args(clip_dir, tmp_path / "o", "--chunk-size", "big"),
+                 edit_args(clip_dir, tmp_path / "o", "--latents-placement", "cloud")):
         with pytest.raises(SystemExit) as exit_info:
             main([str(a) for a in argv])
         assert exit_info.value.code == 2
