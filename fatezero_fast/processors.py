@@ -16,13 +16,15 @@ which the inversion filled through the same processors.
 Chunked (layer-major) execution (fatezero_fast.streaming): `FateZeroState.chunk` says that the
 rows of the current call are frames [start, stop) of every branch and, for attn1, carries the
 keys/values of the frames those queries attend to (gathered by the runner over the whole clip).
-Stores are filled at the clip's last chunk; captured maps are written per frame range.
+Stores are written and read per chunk (the rows of query frames [start, stop) and, for qk, the
+keys of their anchor frames), so stored attention reaches the device one chunk at a time;
+captured maps are written per frame range.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from .groupnorm import make_groupnorms_clip_wide
 from .reference import IndexEntry, resolve_frame_index
 from .store import AttentionStore, RecomputeStore
 
+_CPU = torch.device("cpu")
 MASK_LEVEL = 2  # blend masks come from the cross maps at 1/4 of the latent size (16x16 at 512x512)
 
 
@@ -55,14 +58,12 @@ class ChunkView:
     """Rows of the current call are frames [start, stop) of every branch (chunked execution).
 
     kv: for attn1, (k, v, frames): keys and values (B*S, H, N, D) of the S sorted clip frames
-    `frames` of each branch (branch-major), at least those that the chunk's queries attend to.
-    all_keys: () -> (B*F, H, N, D) keys of all frames, for stores captured at inversion.
+    `frames` (a CPU tensor) of each branch (branch-major): those that the chunk's queries attend to.
     """
 
     start: int
     stop: int
     kv: tuple | None = None
-    all_keys: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass
@@ -84,7 +85,6 @@ class FateZeroState:
     _captured: list = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
     _chunk_maps: dict = field(default_factory=dict)   # layer -> (F, rh, rw, 77) buffer in _captured
-    _pending: dict = field(default_factory=dict)      # per-chunk tensors awaiting the clip's last chunk
 
     # -- geometry
     def level_size(self, tokens: int) -> tuple[int, int]:
@@ -114,7 +114,7 @@ class FateZeroState:
         self.store, self.store_step = store or RecomputeStore(), store_step
         self.capture_branch = capture_branch
         self.chunk = None
-        self._captured, self._masks, self._chunk_maps, self._pending = [], {}, {}, {}
+        self._captured, self._masks, self._chunk_maps = [], {}, {}
 
     # -- chunked execution
     @property
@@ -126,20 +126,6 @@ class FateZeroState:
     def frame_slice(self) -> slice:
         """The clip frames the current call's rows hold, in each branch."""
         return slice(0, self.num_frames) if self.chunk is None else slice(self.chunk.start, self.chunk.stop)
-
-    def collect(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
-        """Gather per-chunk rows (B*c, ...) of one layer; at the clip's last chunk return all (B*F, ...)."""
-        parts = self._pending.setdefault(key, [])
-        done = sum(p.shape[0] for p in parts) // max(1, x.shape[0] // self.rows_per_branch)
-        if done != self.chunk.start:
-            raise RuntimeError(f"chunks of {key} arrived out of order: expected frame {done}, got {self.chunk.start}")
-        parts.append(x)
-        if self.chunk.stop < self.num_frames:
-            return None
-        del self._pending[key]
-        branches = x.shape[0] // self.rows_per_branch
-        full = torch.cat([p.reshape(branches, -1, *p.shape[1:]) for p in parts], dim=1)
-        return full.reshape(-1, *x.shape[1:])
 
     def source_rows(self) -> slice:
         """Rows of the batch holding the source branch (recompute store only)."""
@@ -206,14 +192,8 @@ class SpatioTemporalAttnProcessor:
         """Per-frame keys and values (B*F, H, N, D) of the (normalised) input rows."""
         return _split_heads(attn, attn.to_k(hidden_states)), _split_heads(attn, attn.to_v(hidden_states))
 
-    def _captures(self, tokens: int) -> bool:
-        st = self.state
-        return st.controls(tokens) and st.mode == "invert" and not st.store.recompute
-
-    def kv_frames_needed(self, tokens: int) -> torch.Tensor:
+    def kv_frames_needed(self) -> torch.Tensor:
         """Sorted clip frames whose keys/values a chunked call of this layer must be given."""
-        if self._captures(tokens):  # the store keeps every frame's keys
-            return torch.arange(self.state.num_frames)
         return resolve_frame_index(self.index_list, self.state.num_frames).unique()
 
     def kv_frames_for(self, start: int, stop: int) -> torch.Tensor:
@@ -229,24 +209,20 @@ class SpatioTemporalAttnProcessor:
         f, tokens = st.num_frames, q.shape[2]
         local = _frame_index_on(tuple(self.index_list), f, q.device)
         view = st.chunk
+        frames = None  # the clip frames of k/v (None: all)
         if view is None:
             k, v = self.key_value(attn, hidden_states)
             kf = f  # key frames per branch
         else:  # queries of frames [start, stop); k/v of `frames` of each branch, gathered by the runner
             k, v, frames = view.kv
-            frames = frames.to(q.device)
             kf = frames.numel()
-            clip_local, local = local, torch.searchsorted(frames, local[view.start:view.stop])
+            local = torch.searchsorted(frames.to(q.device), local[view.start:view.stop])
         qf = st.rows_per_branch
         branches = q.shape[0] // qf
         controlled = st.controls(tokens)
-        if controlled and st.mode == "invert":
-            if view is None:
-                st.store.capture_self(st.store_step, self.name, q, k, local, attn.scale)
-            elif not st.store.recompute:
-                q_all = st.collect(self.name, q)
-                if q_all is not None:
-                    st.store.capture_self(st.store_step, self.name, q_all, view.all_keys(), clip_local, attn.scale)
+        if controlled and st.mode == "invert" and not st.store.recompute:
+            st.store.capture_self(st.store_step, self.name, q, k, _frame_index_on(tuple(self.index_list), f, _CPU),
+                                  attn.scale, frames=st.frame_slice, key_frames=frames)
         edit = controlled and st.mode == "edit" and st.plan.replaces_self(st.step)
         plain = branches - 1 if edit else branches  # the target branch is last
         out = torch.empty_like(q)
@@ -260,9 +236,7 @@ class SpatioTemporalAttnProcessor:
                 src = slice(st.source_branch * kf, (st.source_branch + 1) * kf)
                 source = ("qk", q[st.source_rows()], k[src])
             else:
-                source = st.store.self_source(st.store_step, self.name)
-                if view is not None:
-                    source = _chunk_of_source(source, st.frame_slice, frames)
+                source = st.store.self_source(st.store_step, self.name, st.frame_slice, frames, q.device)
             mask = st.self_blend_mask(tokens)
             if mask is not None and view is not None:
                 mask = mask[st.frame_slice]
@@ -270,15 +244,6 @@ class SpatioTemporalAttnProcessor:
             ops.blended_attention(q[tgt], k[ktgt], v[ktgt], kv_frames=local, source=source,
                                   mask=mask, scale=attn.scale, backend=st.config.backend, out=out[tgt])
         return _merge_heads_and_project(attn, out, hidden_states)
-
-
-def _chunk_of_source(source: tuple, rows: slice, frames: torch.Tensor) -> tuple:
-    """A stored whole-clip source restricted to query frames `rows` and key frames `frames`."""
-    form = source[0]
-    if form == "qk":
-        _, q_s, k_s = source
-        return "qk", q_s[rows], k_s[frames.to(k_s.device)]
-    return (form,) + tuple(t[rows] for t in source[1:])  # probs (+ fp8 row scale), lowrank U and W
 
 
 class FateZeroCrossAttnProcessor:
@@ -313,12 +278,11 @@ class FateZeroCrossAttnProcessor:
             rows = slice(branch * f, (branch + 1) * f)
             st.record(probs[rows].mean(1), self.name)
         if store:
-            kept = probs.to(v.dtype) if st.chunk is None else st.collect(self.name, probs.to(v.dtype))
-            if kept is not None:
-                st.store.capture_cross(st.store_step, self.name, kept)
+            st.store.capture_cross(st.store_step, self.name, probs.to(v.dtype), frames=st.frame_slice,
+                                   num_frames=st.num_frames)
         if fuse:
             p_src = probs[st.source_rows()] if st.store.recompute else \
-                st.store.cross_source(st.store_step, self.name)[st.frame_slice]
+                st.store.cross_source(st.store_step, self.name, st.frame_slice, q.device)
             tgt = slice(probs.shape[0] - f, probs.shape[0])
             probs[tgt] = st.plan.fuse_cross(p_src, probs[tgt], st.step)
         out = torch.matmul(probs.to(v.dtype), v)

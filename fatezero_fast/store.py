@@ -7,14 +7,21 @@ inversion step. Forms:
 
 - recompute: keeps nothing per layer; each edit step re-evaluates the source branch beside the
   edit in the same UNet batch (exact). `self_source` returns None: "take the batch's source".
-- qk: source Q and K of controlled self-attention and the maps of cross-attention, in the
-  model's dtype (fp16 on the GPU); the fused op recomputes P_s on the fly (exact up to that dtype).
+- qk: source Q of controlled self-attention, K of the frames some query attends to (one frame
+  for ['mid']), and the maps of cross-attention, in the model's dtype (fp16 on the GPU); the
+  fused op recomputes P_s on the fly (exact up to that dtype).
 - full (fp32 maps, the official behaviour), fp16, fp8 (e4m3 with a per-row scale), lowrank
   (rank-r factors of each self map, or the smallest rank within an error budget).
 
+Row ranges: captures and reads name the query frames [a, e) they hold (`frames`; default the
+whole clip), so chunked execution (fatezero_fast.streaming) hands the store one chunk at a time
+and gets back one chunk at a time: device memory follows the chunk, not the clip. Each layer's
+per-frame tensors are whole-clip tensors in the store's placement, allocated at the first chunk.
+
 Every store reports its exact size: `nbytes()` is the sum of its tensors' bytes, with
 `breakdown()` per (step, layer). Tensors live on the device, in host memory (pinned when CUDA
-is there, next step prefetched), or on disk (one file per step).
+is there; on CUDA the next read is copied in on a side stream), or on disk (one file per step,
+loaded into host memory once per step while editing).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .reference import attention_probs, gather_frames
+from .reference import attention_probs, gather_frames, resolve_frame_index
 
 FORMS = ("recompute", "qk", "full", "fp16", "fp8", "lowrank")
 PLACEMENTS = ("device", "host", "disk")
@@ -37,6 +44,25 @@ def _nbytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return sum(_nbytes(v) for v in value)
+
+
+def _rows(frames: slice | None, num_frames: int) -> slice:
+    """Query frames [a, e) of a clip of num_frames as a slice (None: all)."""
+    if frames is None:
+        return slice(0, num_frames)
+    a, e = frames.start or 0, num_frames if frames.stop is None else frames.stop
+    if frames.step not in (None, 1) or not 0 <= a < e <= num_frames:
+        raise ValueError(f"frames must be a non-empty range [a, e) of {num_frames} frames, got {frames}")
+    return slice(a, e)
+
+
+def _chunk_frames(kv_frames: torch.Tensor, frames: slice | None, key_frames: torch.Tensor | None):
+    """(rows of query frames `frames`, their kv_frames as indices into the keys of `key_frames`)."""
+    rows = _rows(frames, kv_frames.shape[0])
+    local = kv_frames[rows]
+    if key_frames is not None:
+        local = torch.searchsorted(key_frames.to(local.device), local)
+    return rows, local
 
 
 class AttentionStore:
@@ -52,13 +78,17 @@ class AttentionStore:
             raise InputError("a disk store needs a folder")
         self.placement, self.folder = placement, None if folder is None else Path(folder)
         self.steps: dict[int, dict[str, tuple]] = defaultdict(dict)
-        self._loaded: dict[int, dict] = {}
-        self._side_stream = None
         self._sizes: dict[tuple[int, str], int] = {}
+        self._disk_step: tuple[int, dict] | None = None  # (step, its layers) read from disk
+        self._side_stream = None
+        self._prefetched = None   # ((step, read), tensors) copied in on the side stream
+        self._last_read = None    # (step, read)
+        self._follows: dict = {}  # read -> (the read that came after it, step offset)
         self.device = torch.device("cpu")
 
     # -- what each form keeps (subclasses)
     def _keep_self(self, q, k, kv_frames, scale) -> tuple:
+        """Per-query-frame tensors (c, ...) of rows q (c, H, N, D), kv_frames (c, R) indexing k."""
         raise NotImplementedError
 
     def _keep_cross(self, probs) -> tuple:
@@ -68,19 +98,45 @@ class AttentionStore:
         raise NotImplementedError
 
     # -- writing (inversion)
-    def capture_self(self, step: int, layer: str, q, k, kv_frames, scale: float) -> None:
-        self._put(step, layer, self._keep_self(q, k, kv_frames, scale))
+    def capture_self(self, step: int, layer: str, q, k, kv_frames, scale: float, *,
+                     frames: slice | None = None, key_frames: torch.Tensor | None = None) -> None:
+        """Keep the source self-attention of query frames `frames` ([a, e); default the whole clip).
 
-    def capture_cross(self, step: int, layer: str, probs) -> None:
-        """probs: (F, H, N, 77) in the model's dtype."""
-        self._put(step, layer, self._keep_cross(probs))
+        q: (e-a, H, N, D) their queries; kv_frames: (F, R) the clip frames every query frame of the
+        clip attends to (F = the clip length); k: (S, H, N, D) keys of the sorted clip frames
+        `key_frames` (default all F), at least those that frames [a, e) attend to.
+        """
+        rows, local = _chunk_frames(kv_frames, frames, key_frames)
+        kept = self._keep_self(q, k, local, scale)
+        self._write(step, layer, [(rows, kv_frames.shape[0], t) for t in kept])
 
-    def _put(self, step: int, layer: str, kept: tuple) -> None:
-        self.device = kept[0].device
-        if self.placement != "device":
-            kept = tuple(t.to("cpu") for t in kept)
-            if torch.cuda.is_available():
-                kept = tuple(t.pin_memory() for t in kept)
+    def capture_cross(self, step: int, layer: str, probs, *, frames: slice | None = None,
+                      num_frames: int | None = None) -> None:
+        """probs: (e-a, H, N, 77) of query frames `frames` of a num_frames clip (default: all), model dtype."""
+        num_frames = probs.shape[0] if num_frames is None else num_frames
+        rows = _rows(frames, num_frames)
+        self._write(step, layer, [(rows, num_frames, t) for t in self._keep_cross(probs)])
+
+    def _write(self, step: int, layer: str, parts) -> None:
+        """parts: (rows, total, x): x holds rows `rows` (slice or index) of a (total, ...) tensor
+        of the layer, allocated in the store's placement at the first write."""
+        self.device = parts[0][2].device
+        kept = self.steps[step].get(layer)
+        if kept is None:
+            kept = tuple(self._empty((total,) + tuple(x.shape[1:]), x.dtype, x.device) for _, total, x in parts)
+            self._set(step, layer, kept)
+        for t, (rows, _, x) in zip(kept, parts):
+            if isinstance(rows, slice):
+                t[rows].copy_(x)
+            else:
+                t[rows.to(t.device)] = x.to(t.device)
+
+    def _empty(self, shape, dtype, device) -> torch.Tensor:
+        if self.placement == "device":
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, pin_memory=self.placement == "host" and torch.cuda.is_available())
+
+    def _set(self, step: int, layer: str, kept: tuple) -> None:
         self.steps[step][layer] = kept
         self._sizes[(step, layer)] = _nbytes(kept)
 
@@ -91,33 +147,65 @@ class AttentionStore:
             torch.save(dict(self.steps.pop(step, {})), self.folder / f"step_{step:04d}.pt")
 
     # -- reading (editing)
-    def _fetch(self, step: int) -> dict:
-        data = torch.load(self.folder / f"step_{step:04d}.pt", map_location="cpu") if self.placement == "disk" \
-            else self.steps[step]
-        return {k: tuple(t.to(self.device, non_blocking=True) for t in v) for k, v in data.items()}
+    def self_source(self, step: int, layer: str, frames: slice | None = None,
+                    key_frames: torch.Tensor | None = None, device: torch.device | None = None):
+        """The fused op's `source` for query frames `frames` (default all) of this controlled
+        self-attention layer at this inversion step, on `device` (default: where it was captured).
+        key_frames: the sorted clip frames of the edit's k/v (default all): a qk source's K holds them."""
+        return self._source_from(self._read(step, layer, frames, key_frames, device))
 
-    def _step(self, step: int) -> dict:
-        """This step's tensors on the compute device; on CUDA the next one (editing walks the
-        inversion steps backwards: step - 1) is copied in on a side stream meanwhile."""
-        if step not in self._loaded:
-            self._loaded = {step: self._fetch(step)}
-        elif self._side_stream is not None:
-            torch.cuda.current_stream().wait_stream(self._side_stream)
-        following = step - 1
-        if self.device.type == "cuda" and self.placement == "host" and following in self.steps:
-            self._side_stream = self._side_stream or torch.cuda.Stream()
+    def cross_source(self, step: int, layer: str, frames: slice | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+        """The source cross-attention map (e-a, H, N, 77) of query frames `frames`, as kept."""
+        return self._read(step, layer, frames, None, device)[0]
+
+    def _layer(self, step: int, layer: str) -> tuple:
+        """A layer's kept tensors in host or device memory (a disk step is read once per step)."""
+        if self.placement != "disk":
+            return self.steps[step][layer]
+        if self._disk_step is None or self._disk_step[0] != step:
+            self._disk_step = None  # free the previous step first
+            self._disk_step = (step, torch.load(self.folder / f"step_{step:04d}.pt", map_location="cpu"))
+        return self._disk_step[1][layer]
+
+    def _select(self, step: int, layer: str, kept: tuple, frames: slice | None, key_frames) -> tuple:
+        """The rows of query frames `frames` of each kept tensor."""
+        rows = _rows(frames, kept[0].shape[0])
+        return tuple(t[rows] for t in kept)
+
+    def _load(self, step: int, read: tuple, device: torch.device) -> tuple:
+        layer, frames, key_frames = read
+        frames = None if frames is None else slice(*frames)
+        key_frames = None if key_frames is None else torch.tensor(key_frames)
+        parts = self._select(step, layer, self._layer(step, layer), frames, key_frames)
+        return tuple(t.to(device, non_blocking=True) for t in parts)  # one layer, one chunk
+
+    def _read(self, step, layer, frames, key_frames, device) -> tuple:
+        """One read; on CUDA from host memory, the read that followed it last time (same order every
+        edit step, one inversion step earlier after the last read of a step) is copied in meanwhile."""
+        device = torch.device(device) if device is not None else self.device
+        read = (layer, None if frames is None else (frames.start, frames.stop),
+                None if key_frames is None else tuple(key_frames.tolist()))
+        if self._prefetched is not None and self._prefetched[0] == (step, read):
+            current = torch.cuda.current_stream(device)
+            current.wait_stream(self._side_stream)
+            tensors = self._prefetched[1]
+            for t in tensors:
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        else:
+            tensors = self._load(step, read, device)
+        self._prefetched = None
+        if self._last_read is not None:
+            self._follows[self._last_read[1]] = (read, step - self._last_read[0])
+        self._last_read = (step, read)
+        following = self._follows.get(read)
+        if following is not None and device.type == "cuda" and self.placement == "host" and \
+                following[0][0] in self.steps.get(step + following[1], {}):
+            self._side_stream = self._side_stream or torch.cuda.Stream(device)
             with torch.cuda.stream(self._side_stream):
-                prefetched = self._fetch(following)
-            self._loaded = {step: self._loaded[step], following: prefetched}
-        return self._loaded[step]
-
-    def self_source(self, step: int, layer: str):
-        """The fused op's `source` for this controlled self-attention layer at this inversion step."""
-        return self._source_from(self._step(step)[layer])
-
-    def cross_source(self, step: int, layer: str) -> torch.Tensor:
-        """The source cross-attention map (F, H, N, 77) for this layer and inversion step, as kept."""
-        return self._step(step)[layer][0]
+                nxt = step + following[1]
+                self._prefetched = ((nxt, following[0]), self._load(nxt, following[0], device))
+        return tensors
 
     # -- accounting
     def nbytes(self) -> int:
@@ -154,18 +242,49 @@ class RecomputeStore(AttentionStore):
 
 
 class QKStore(AttentionStore):
-    """Source Q and K of self-attention; the fused op recomputes P_s = softmax(Q_s K_s^T s)."""
+    """Source Q of self-attention and K of the frames some query attends to; the fused op
+    recomputes P_s = softmax(Q_s K_s^T s). `key_frames[(step, layer)]`: the clip frames K holds."""
 
     form = "qk"
 
-    def _keep_self(self, q, k, kv_frames, scale):
-        return q.clone(), k.clone()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.key_frames: dict[tuple[int, str], torch.Tensor] = {}
+
+    def capture_self(self, step, layer, q, k, kv_frames, scale, *, frames=None, key_frames=None):
+        num_frames = kv_frames.shape[0]
+        kept = self.key_frames.setdefault((step, layer), kv_frames.unique().cpu())  # sorted
+        given = torch.arange(k.shape[0]) if key_frames is None else key_frames.cpu()
+        needed = torch.isin(given, kept)
+        slots = torch.searchsorted(kept, given[needed])
+        self._write(step, layer, [(_rows(frames, num_frames), num_frames, q),
+                                  (slots, kept.numel(), k[needed.to(k.device)])])
 
     def _keep_cross(self, probs):
-        return (probs.clone(),)
+        return (probs,)
+
+    def _select(self, step, layer, kept, frames, key_frames):
+        if len(kept) == 1:  # a cross map
+            return super()._select(step, layer, kept, frames, key_frames)
+        q, k = kept
+        stored = self.key_frames.get((step, layer), torch.arange(k.shape[0]))  # older saves kept all
+        wanted = torch.arange(q.shape[0]) if key_frames is None else key_frames
+        slots = torch.searchsorted(stored, wanted).clamp_max(stored.numel() - 1)
+        found = stored[slots] == wanted
+        keys = k[slots.to(k.device)]
+        if not found.all():
+            keys[~found.to(k.device)] = 0  # frames no query attends to were not kept: never read
+        return q[_rows(frames, q.shape[0])], keys
 
     def _source_from(self, kept):
         return ("qk",) + kept
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), key_frames=self.key_frames)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.key_frames = dict(state.get("key_frames", {}))
 
 
 class MapStore(AttentionStore):
@@ -205,7 +324,11 @@ class FP8Store(AttentionStore):
 
 
 class LowRankStore(AttentionStore):
-    """P_s ~= U @ W per map: rank r, or the smallest rank whose relative Frobenius error <= budget."""
+    """P_s ~= U @ W per map: rank r, or the smallest rank whose relative Frobenius error <= budget.
+
+    Each row range (chunk) is factorised on its own; with an error budget the layer keeps the
+    largest rank any of its chunks needed, smaller ranks padded with zero factors (exact padding).
+    """
 
     form = "lowrank"
 
@@ -218,14 +341,22 @@ class LowRankStore(AttentionStore):
         self.rank, self.error_budget = rank, error_budget
         self.errors: dict[tuple[int, str], float] = {}
 
-    def capture_self(self, step, layer, q, k, kv_frames, scale):
-        p = attention_probs(q.float(), gather_frames(k, kv_frames).float(), scale)
+    def capture_self(self, step, layer, q, k, kv_frames, scale, *, frames=None, key_frames=None):
+        rows, local = _chunk_frames(kv_frames, frames, key_frames)
+        p = attention_probs(q.float(), gather_frames(k, local).float(), scale)
         u, s, vh = torch.linalg.svd(p, full_matrices=False)
-        rank = self.rank or self._rank_for_budget(s)
-        rank = min(rank, s.shape[-1])
+        rank = min(self.rank or self._rank_for_budget(s), s.shape[-1])
         u, w = u[..., :rank] * s[..., None, :rank], vh[..., :rank, :]
-        self.errors[(step, layer)] = (torch.linalg.matrix_norm(p - u @ w) / torch.linalg.matrix_norm(p)).max().item()
-        self._put(step, layer, (u.to(torch.float16), w.to(torch.float16)))
+        error = (torch.linalg.matrix_norm(p - u @ w) / torch.linalg.matrix_norm(p)).max().item()
+        self.errors[(step, layer)] = max(error, self.errors.get((step, layer), 0.0))
+        kept = self.steps[step].get(layer)
+        if kept is not None and kept[0].shape[-1] < rank:  # this chunk needs more: widen the layer's factors
+            self._set(step, layer, (_pad_rank(kept[0], rank, -1), _pad_rank(kept[1], rank, -2)))
+        elif kept is not None:
+            rank = kept[0].shape[-1]
+        num_frames = kv_frames.shape[0]
+        self._write(step, layer, [(rows, num_frames, _pad_rank(u, rank, -1).to(torch.float16)),
+                                  (rows, num_frames, _pad_rank(w, rank, -2).to(torch.float16))])
 
     def _rank_for_budget(self, s: torch.Tensor) -> int:
         # relative Frobenius error of rank r = sqrt(sum_{i>r} s_i^2 / sum s_i^2), worst map decides
@@ -237,6 +368,16 @@ class LowRankStore(AttentionStore):
 
     def _source_from(self, kept):
         return ("lowrank",) + kept
+
+
+def _pad_rank(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """x with its rank axis `dim` zero-padded to `rank`."""
+    missing = rank - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim)
 
 
 def make_store(form: str = "recompute", *, placement: str = "host", folder=None, rank=None,
@@ -262,9 +403,9 @@ def make_store(form: str = "recompute", *, placement: str = "host", folder=None,
 
 def controlled_layers(unet_config: dict, height: int, width: int, sparse_causal_index,
                       least_sc_channel: int | None = None, max_control_tokens: int = 1024,
-                      vae_scale: int = 8) -> list[tuple[int, int, int, int]]:
-    """(channels, heads, query tokens N, reference frames R) of each controlled transformer block
-    (one self- and one cross-attention each) of an SD-style UNet at this resolution."""
+                      vae_scale: int = 8) -> list[tuple[int, int, int, list]]:
+    """(channels, heads, query tokens N, index list) of each controlled transformer block (one self-
+    and one cross-attention each) of an SD-style UNet at this resolution; [] for per-frame attention."""
     widths = list(unet_config["block_out_channels"])
     heads_cfg = unet_config.get("attention_head_dim", 8)  # SD-1.x's config names the head count so
     per_block = unet_config.get("layers_per_block", 2)
@@ -284,7 +425,7 @@ def controlled_layers(unet_config: dict, height: int, width: int, sparse_causal_
             continue
         heads = heads_cfg if isinstance(heads_cfg, int) else heads_cfg[i]
         per_frame = (least_sc_channel is not None and ch < least_sc_channel) or not sparse_causal_index
-        layers += [(ch, heads, n, 1 if per_frame else len(sparse_causal_index))] * count
+        layers += [(ch, heads, n, [] if per_frame else list(sparse_causal_index))] * count
     return layers
 
 
@@ -295,16 +436,18 @@ def estimate_store_bytes(form: str, unet_config: dict, height: int, width: int, 
 
     Mirrors what each class keeps per controlled layer and step (checked against the measured
     `nbytes()` of every form in tests/test_store.py). model_bytes: the model dtype's size (qk keeps
-    Q, K and cross maps in it).
+    Q, K of the frames some query attends to, and cross maps in it).
     """
     total = 0
-    for ch, heads, n, r in controlled_layers(unet_config, height, width, sparse_causal_index, least_sc_channel,
-                                             max_control_tokens, vae_scale):
+    for ch, heads, n, index in controlled_layers(unet_config, height, width, sparse_causal_index,
+                                                 least_sc_channel, max_control_tokens, vae_scale):
+        kv_frames = resolve_frame_index(index, frames)
+        r, key_frames = kv_frames.shape[1], kv_frames.unique().numel()
         rows = frames * heads * n  # map rows of this layer
         self_map, cross_map = rows * r * n, rows * 77
         total += {
             "recompute": 0,
-            "qk": (2 * frames * n * ch + cross_map) * model_bytes,
+            "qk": ((frames + key_frames) * n * ch + cross_map) * model_bytes,
             "full": (self_map + cross_map) * 4,
             "fp16": (self_map + cross_map) * 2,
             "fp8": self_map + rows * 4 + cross_map * 2,

@@ -16,18 +16,18 @@ dependencies exactly:
   inputs (up blocks: [h, skip]) combine the statistics of their parts, so groups that straddle
   the two are exact too;
 - before a transformer block runs, the keys and values of its attn1 are computed chunk by chunk
-  for the frames the index lists name (all frames where an inversion store keeps them) and kept
-  per frame (`_KVCache`); each chunk's queries then get the K/V of their own anchor frames
-  (`ChunkView.kv`), wherever those frames are in the clip. The processors of
-  fatezero_fast.processors do the rest (controlled layers, source fusion, map capture, stores).
+  for the frames the index lists name and kept per frame (`_KVCache`); each chunk's queries then
+  get the K/V of their own anchor frames (`ChunkView.kv`), wherever those frames are in the clip.
+  The processors of fatezero_fast.processors do the rest (controlled layers, source fusion, map
+  capture, stores).
 
 Nothing else changes: outputs equal the unchunked model's up to float rounding (in float64 to
 ~1e-14; the time embedding is even computed for every row, as the stock forward does, so that its
 rounding matches). On CUDA each chunk is copied in on a side stream while the previous one
 computes. Device memory depends on the chunk size and the frame size, not on the clip length;
-host memory grows linearly (the UNet's activations and skips, one K/V cache at a time). The one
-exception: an inversion into a store other than `recompute` hands the store whole-clip Q/K and
-maps of each controlled layer at the clip's last chunk (on the device, as those stores keep them).
+host memory grows linearly (the UNet's activations and skips, one K/V cache at a time). Stored
+source attention (fatezero_fast.store) is captured and read back per chunk too: only the chunk's
+rows (and the keys of its anchor frames) reach the device, unless the store itself is placed there.
 """
 from __future__ import annotations
 
@@ -112,9 +112,9 @@ class _Clip:
 class _KVCache:
     """Per-frame keys and values of one attn1 for the frames its queries need, kept over the clip."""
 
-    def __init__(self, runner: "_Runner", attn, processor: SpatioTemporalAttnProcessor, tokens: int):
+    def __init__(self, runner: "_Runner", attn, processor: SpatioTemporalAttnProcessor):
         self.runner, self.attn, self.processor = runner, attn, processor
-        self.frames = processor.kv_frames_needed(tokens).sort().values  # (S,) clip frames, CPU
+        self.frames = processor.kv_frames_needed()  # (S,) sorted clip frames, CPU
         self.k: torch.Tensor | None = None  # (S, B, H, N, D) in storage
         self.v: torch.Tensor | None = None
 
@@ -310,7 +310,7 @@ class _Runner:
                                           "(layer_norm, self- then cross-attention) only")
         height, width = x.shape[-2:]
         tokens = height * width
-        caches = [self._kv_cache(block.attn1, tokens) for block in blocks]
+        caches = [self._kv_cache(block.attn1) for block in blocks]
 
         def enter(a, e, xs):
             n = xs.shape[0]
@@ -353,10 +353,10 @@ class _Runner:
             self.state.chunk = None  # drop the last chunk's K/V
         return hidden
 
-    def _kv_cache(self, attn, tokens: int) -> _KVCache | None:
+    def _kv_cache(self, attn) -> _KVCache | None:
         processor = attn.processor
         if isinstance(processor, SpatioTemporalAttnProcessor) and self.state is not None:
-            return _KVCache(self, attn, processor, tokens)
+            return _KVCache(self, attn, processor)
         return None  # any other processor is per-frame self-attention: nothing crosses frames
 
     def _basic_block(self, block, cache: _KVCache | None, a: int, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -365,8 +365,7 @@ class _Runner:
         else:
             frames = cache.processor.kv_frames_for(a, e)
             k, v = cache.get(frames)
-            self.set_chunk(a, e, kv=(k, v, frames),
-                           all_keys=lambda: cache.get(torch.arange(self.num_frames))[0])
+            self.set_chunk(a, e, kv=(k, v, frames))
         h = block.attn1(block.norm1(h)) + h
         if block.attn2 is not None:
             h = block.attn2(block.norm2(h), encoder_hidden_states=self.ctx(a, e)) + h

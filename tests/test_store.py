@@ -83,10 +83,59 @@ def test_official_store_size_at_sd14_scale():
     assert round(official_store_bytes(sd14, 512, 512, 8, 50, [-1, "first"], bytes_per_value=2) / 1e9, 1) == 74.5
 
 
-def test_lowrank_error_budget_is_respected(tiny_pipeline, latents):
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_lowrank_error_budget_is_respected(tiny_pipeline, latents, chunk_size):
+    """Per chunk too: each chunk's maps get the rank they need, the layer keeps the widest."""
     store = make_store("lowrank", error_budget=0.05)
-    tiny_pipeline.invert(None, SOURCE, 2, latents=latents, store=store, progress=False)
+    tiny_pipeline.invert(None, SOURCE, 2, latents=latents, store=store, progress=False, chunk_size=chunk_size)
     assert store.errors and max(store.errors.values()) <= 0.05 + 1e-6
+
+
+def test_qk_keeps_keys_of_attended_frames_only(latents):
+    """['mid']: every query frame attends to frame 1 of 3, so K of one frame is kept per layer and
+    step (not 3); the estimate counts that, and edits equal the full maps' and recompute's."""
+    from fatezero_fast.pipeline import FateZeroPipeline
+    from fatezero_fast.processors import VideoAttentionConfig
+
+    pipe = FateZeroPipeline.tiny_random(seed=0, device="cpu",
+                                        attention=VideoAttentionConfig(sparse_causal_index=["mid"]))
+    results = {}
+    for form in ("qk", "full", "recompute"):
+        inversion = pipe.invert(None, SOURCE, STEPS, latents=latents, store=form, progress=False)
+        results[form] = (inversion.store, pipe.edit(inversion, TARGET, decode=False, progress=False, **OPTIONS).latents)
+    store = results["qk"][0]
+    self_layers = [kept for step in store.steps.values() for kept in step.values() if len(kept) == 2]
+    assert self_layers and all(q.shape[0] == 3 and k.shape[0] == 1 for q, k in self_layers)
+    assert all(torch.equal(frames, torch.tensor([1])) for frames in store.key_frames.values())
+    assert store.nbytes() == estimate_store_bytes("qk", dict(CONFIGS["tiny"]["unet"]), 128, 128, frames=3,
+                                                  steps=STEPS, sparse_causal_index=["mid"], model_bytes=4)
+    key_bytes = sum(k.numel() * k.element_size() for _, k in self_layers)
+    assert store.nbytes() + 2 * key_bytes == estimate_store_bytes(  # K of all 3 frames, as before
+        "qk", dict(CONFIGS["tiny"]["unet"]), 128, 128, frames=3, steps=STEPS, sparse_causal_index=[],
+        model_bytes=4)
+    assert rel_err(results["qk"][1], results["full"][1]) <= 1e-5
+    assert rel_err(results["qk"][1], results["recompute"][1]) <= 1e-5
+    # a store saved before (K of every frame, no key_frames) still loads; frames 0 and 2 are never read
+    state = store.state_dict()
+    del state["key_frames"]
+    for layers in state["steps"].values():
+        for layer, kept in layers.items():
+            if len(kept) == 2:
+                layers[layer] = (kept[0], torch.cat([torch.randn_like(kept[1]), kept[1], torch.randn_like(kept[1])]))
+    old = make_store("qk")
+    old.load_state_dict(state)
+    inversion = pipe.invert(None, SOURCE, STEPS, latents=latents, store="recompute", progress=False)
+    inversion.store = old
+    for chunk_size in (None, 2):
+        edited = pipe.edit(inversion, TARGET, decode=False, progress=False, chunk_size=chunk_size, **OPTIONS).latents
+        assert rel_err(edited, results["qk"][1]) <= 1e-5
+
+
+def test_qk_size_at_sd14_scale():
+    """SD-1.4, 512x512, 8 frames, 50 steps, ['mid']: K of one frame instead of 8 per layer and step."""
+    sd14 = dict(CONFIGS["sd14"]["unet"])
+    assert estimate_store_bytes("qk", sd14, 512, 512, 8, 50, ["mid"]) == 7_682_867_200  # was 11_180_851_200
+    assert estimate_store_bytes("qk", sd14, 512, 512, 8, 50, [-1, "first"]) == 10_681_139_200  # K of 7 frames
 
 
 @pytest.mark.parametrize("form", ["recompute", "qk", "fp8"])

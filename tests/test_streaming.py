@@ -17,6 +17,7 @@ from fatezero_fast.groupnorm import ClipGroupNorm
 from fatezero_fast.models import random_components
 from fatezero_fast.pipeline import FateZeroPipeline
 from fatezero_fast.processors import VideoAttentionConfig, install
+from fatezero_fast.store import make_store
 from fatezero_fast.streaming import _Clip, _Runner, streaming_unet
 from fatezero_fast.video import make_sample_clip
 
@@ -143,15 +144,127 @@ def test_invert_and_edit_equal_unchunked(components, latents, index_list, chunk)
     assert_same_run(invert_and_edit(pipe, chunk, latents=latents), unchunked, 1e-5)
 
 
-@pytest.mark.parametrize("form", ["qk", "full"])
-def test_stored_attention_in_chunks(components, latents, form):
-    """Stores filled at inversion in chunks (all frames' Q/K or maps) and read back per chunk."""
-    pipe = make_pipeline(components, [-1, "first"])
-    unchunked = invert_and_edit(pipe, None, latents=latents, store=form)
-    chunked = invert_and_edit(pipe, 2, latents=latents, store=form)
+STORED = ("qk", "full", "fp16", "fp8", "lowrank")
+
+
+@pytest.fixture(scope="module")
+def unchunked_stored(components, latents):
+    """(form, index list) -> the unchunked run with that store, computed once."""
+    runs = {}
+
+    def run(form, index_list):
+        key = (form, tuple(index_list))
+        if key not in runs:
+            runs[key] = invert_and_edit(make_pipeline(components, index_list), None, latents=latents, store=form)
+        return runs[key]
+    return run
+
+
+def stored_values(store):
+    """(step, layer) -> what each kept tuple stands for, in fp32 (fp8 maps scaled back, low-rank factors
+    multiplied: their signs are arbitrary), and the rounding step of the dtype it is kept in."""
+    values = {}
+    for step, layers in store.steps.items():
+        for layer, kept in layers.items():
+            rounding = max(1e-5, torch.finfo(kept[0].dtype).eps)
+            if store.form == "lowrank" and len(kept) == 2:
+                kept = (kept[0].float() @ kept[1].float(),)
+            elif store.form == "fp8" and len(kept) == 2:
+                kept = (kept[0].float() * kept[1][..., None],)
+            values[(step, layer)] = [(t.float(), rounding) for t in kept]
+    return values
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+@pytest.mark.parametrize("index_list", [["mid"], [-1, "first"]])
+@pytest.mark.parametrize("form", STORED)
+def test_stored_attention_in_chunks(components, latents, unchunked_stored, form, index_list, chunk):
+    """Stores written per chunk at inversion and read back per chunk equal the unchunked run, tensor
+    for tensor (5 frames: chunks of 2 and 3 leave a short last chunk)."""
+    unchunked = unchunked_stored(form, index_list)
+    chunked = invert_and_edit(make_pipeline(components, index_list), chunk, latents=latents, store=form)
     assert_same_run(chunked, unchunked, 1e-5)
     store_c, store_u = chunked[0].store, unchunked[0].store
     assert store_c.breakdown() == store_u.breakdown() and store_c.nbytes() > 0
+    values_c, values_u = stored_values(store_c), stored_values(store_u)
+    assert values_c.keys() == values_u.keys()
+    for key, kept in values_u.items():
+        for (c, _), (u, rounding) in zip(values_c[key], kept):
+            assert rel_err(c, u) <= rounding, key  # fp16/fp8: the fp32 noise may flip a rounding
+
+
+@pytest.mark.parametrize("index_list", [["mid"], [-1, "first"]])
+@pytest.mark.parametrize("form", STORED)
+def test_stores_see_one_chunk_at_a_time(components, latents, form, index_list):
+    """Bounded device memory: in chunks of 2 of a 6-frame clip, every tensor handed to the store at
+    inversion and every tensor it hands back to the attention at editing holds the rows of the
+    chunk's query frames only (and, for K, the frames those queries attend to), never the clip."""
+    num_frames, chunk = 6, 2
+    pipe = make_pipeline(components, index_list)
+    store = make_store(form)
+    seen = []  # (what, first-axis length, allowed length)
+
+    def watch(name, check):
+        method = getattr(store, name)
+
+        def wrapped(*args, **kwargs):
+            out = method(*args, **kwargs)
+            check(out, *args, **kwargs)
+            return out
+        setattr(store, name, wrapped)
+
+    def on_capture_self(_, step, layer, q, k, kv_frames, scale, *, frames, key_frames):
+        rows = frames.stop - frames.start
+        needed = kv_frames[frames].unique()
+        seen.append(("q", q.shape[0], rows))
+        seen.append(("k", k.shape[0], needed.numel()))
+        assert torch.equal(key_frames, needed)
+
+    def on_capture_cross(_, step, layer, probs, *, frames, num_frames):
+        seen.append(("cross map", probs.shape[0], frames.stop - frames.start))
+
+    def on_self_source(source, step, layer, frames, key_frames, device):
+        seen.append(("source rows", source[1].shape[0], frames.stop - frames.start))
+        if form == "qk":
+            seen.append(("source k", source[2].shape[0], key_frames.numel()))
+        else:
+            seen.extend(("source rows", t.shape[0], frames.stop - frames.start) for t in source[2:])
+
+    def on_cross_source(p, step, layer, frames, device):
+        seen.append(("source cross map", p.shape[0], frames.stop - frames.start))
+
+    watch("capture_self", on_capture_self)
+    watch("capture_cross", on_capture_cross)
+    watch("self_source", on_self_source)
+    watch("cross_source", on_cross_source)
+    torch.manual_seed(5)
+    inversion = pipe.invert(None, SOURCE, 2, latents=torch.randn(num_frames, 4, *LATENT), seed=3, store=store,
+                            progress=False, chunk_size=chunk)
+    pipe.edit(inversion, TARGET, progress=False, decode=False, chunk_size=chunk, **EDIT)
+    kinds = {what for what, _, _ in seen}
+    expected = {"q", "k", "cross map", "source rows", "source cross map"} | ({"source k"} if form == "qk" else set())
+    assert kinds == expected
+    for what, length, allowed in seen:
+        assert length == allowed, what
+    rows = max(length for what, length, _ in seen if what != "k" and what != "source k")
+    keys = max(length for what, length, _ in seen if what in ("k", "source k"))
+    assert rows == chunk and keys == (1 if index_list == ["mid"] else chunk + 1)
+
+
+def test_chunked_qk_store_saves_loads_and_uses_disk(components, latents, tmp_path):
+    """A chunked qk inversion (['mid']: K of one frame) saved and loaded, and a disk store, give the
+    same chunked edit bit for bit."""
+    pipe = make_pipeline(components, ["mid"])
+    inversion, result = invert_and_edit(pipe, 2, latents=latents, store="qk")
+    assert {k.shape[0] for step in inversion.store.steps.values() for _, k in
+            (kept for kept in step.values() if len(kept) == 2)} == {1}
+    inversion.save(tmp_path / "saved")
+    loaded = type(inversion).load(tmp_path / "saved")
+    again = pipe.edit(loaded, TARGET, progress=False, decode=False, chunk_size=2, **EDIT)
+    assert torch.equal(again.latents, result.latents)
+    disk = make_store("qk", placement="disk", folder=tmp_path / "disk")
+    on_disk = invert_and_edit(pipe, 2, latents=latents, store=disk)[1]
+    assert not disk.steps and torch.equal(on_disk.latents, result.latents)
 
 
 def test_non_square_clip_end_to_end_is_exact_in_float64(components):
@@ -177,3 +290,20 @@ def test_chunk_size_is_checked(components, latents):
         streaming_unet(pipe.unet, latents, 1, torch.zeros(FRAMES, 77, 32), num_frames=FRAMES, chunk_size=0)
     with pytest.raises(ValueError, match="whole number"):
         streaming_unet(pipe.unet, latents, 1, torch.zeros(FRAMES, 77, 32), num_frames=3, chunk_size=1)
+
+
+def test_store_predicts_each_read_for_the_cuda_prefetch(components, latents):
+    """The side-stream prefetch (CUDA, host placement) copies in the read that followed the current
+    one last time. Within the self-replacement window (here: all steps) edits read in the same order
+    every step, so from the second edit on every read is predicted, the last of a step by the first
+    of the step one inversion step earlier."""
+    pipe = make_pipeline(components, [-1, "first"])
+    inversion = pipe.invert(None, SOURCE, 2, latents=latents, seed=3, store="fp16", progress=False, chunk_size=2)
+    pipe.edit(inversion, TARGET, progress=False, decode=False, chunk_size=2, **dict(EDIT, self_replace_steps=1.0))
+    store, reads = inversion.store, []
+    load = store._load
+    store._load = lambda step, read, device: reads.append((step, read)) or load(step, read, device)
+    pipe.edit(inversion, TARGET, progress=False, decode=False, chunk_size=2, **dict(EDIT, self_replace_steps=1.0))
+    assert len(reads) > 2 * FRAMES
+    for (step, read), (next_step, next_read) in zip(reads, reads[1:]):
+        assert store._follows[read] == (next_read, next_step - step)
