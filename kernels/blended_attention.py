@@ -21,6 +21,9 @@ Nk tails are masked. fp32 inputs use IEEE fp32 dots (no TF32) so they match the 
 
 Block sizes: `pick_config` chooses per head dim / dtype / source form for Hopper-class GPUs,
 and small 16 x 16 tiles under TRITON_INTERPRET=1 (the CPU interpreter, used by the tests).
+
+One source for Triton 3.6 (the GPU machines' torch 2.11) through 3.9: the interpreter tests pass
+and every variant compiles for sm_90a on both (tools/compile_check.py, benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["blended_attention_fwd", "lowrank_wv", "pick_config", "INTERPRET", "SOURCE_CODES"]
+__all__ = ["blended_attention_fwd", "launch_args", "lowrank_wv", "pick_config", "INTERPRET", "SOURCE_CODES"]
 
 LOG2E = 1.4426950408889634
 SOURCE_CODES = {None: 0, "qk": 1, "probs": 2, "lowrank": 3}
@@ -250,9 +253,10 @@ def pick_config(head_dim: int, dtype: torch.dtype, source_form, device: torch.de
     """Tile sizes and launch parameters for one call.
 
     Interpreter: 16 x 16 tiles (fast on CPU, the smallest tl.dot allows). GPU: chosen for Hopper
-    (H100, ~227 KB shared memory per block, 255 registers per thread) so that the sm_90 build of
-    every (head dim, dtype, source form) combination fits shared memory and spills no or almost
-    no registers (checked with ptxas -v on Triton's PTX; not yet timed on a GPU). Two streams
+    (H100, ~227 KB shared memory per block, 255 registers per thread) so that the sm_90a build of
+    every (head dim, dtype, source form) combination fits shared memory (tools/compile_check.py;
+    its registers and spills per variant are in benchmarks/README.md: "lowrank" and the fp32
+    two-stream builds spill; not yet timed on a GPU). Two streams
     ("qk": two score tiles and two accumulators; "probs": the map tile and a second accumulator)
     get narrower tiles than one. fp32 runs IEEE fp32 dots (FMA, no tensor cores): small tiles.
     """
@@ -304,20 +308,36 @@ def blended_attention_fwd(q, k, v, kv_frames, source=None, mask=None, scale=None
     The keyword-only launch parameters override `pick_config` (for tuning and benchmarks).
     Returns `out` (allocated like q when None).
     """
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    scale = d ** -0.5 if scale is None else float(scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
+    form = None if source is None else source[0]
+    cfg = pick_config(q.shape[3], q.dtype, form, q.device)
+    for key, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
+                       ("num_stages", num_stages)):
+        if value is not None:
+            cfg[key] = value
+    grid, args, kwargs = launch_args(q, k, v, kv_frames, source, mask, scale, out, cfg)
+    _blended_attn_fwd[grid](*args, **kwargs)
+    return out
+
+
+def launch_args(q, k, v, kv_frames, source, mask, scale, out, cfg):
+    """(grid, positional arguments, keyword arguments) of one `_blended_attn_fwd` launch.
+
+    cfg: BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages (as `pick_config` returns them). Works on
+    meta tensors too, which is how tools/compile_check.py builds a launch's exact signature.
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    scale = d ** -0.5 if scale is None else float(scale)
     kv_frames = kv_frames.to(device=q.device, dtype=torch.int64).contiguous()
     n_frames = kv_frames.shape[1]
     if n_frames == 0 or nk == 0:
         raise ValueError("blended_attention needs at least one key: kv_frames has no frames or k has Nk = 0")
 
     form = None if source is None else source[0]
-    code = SOURCE_CODES[form]
     qs = ks = ps = rs = u = wv = None
     rank = 0
     if form == "qk":
@@ -333,21 +353,11 @@ def blended_attention_fwd(q, k, v, kv_frames, source=None, mask=None, scale=None
         mask = mask.to(torch.float32)
     if form is None:
         mask = None
-
-    cfg = pick_config(d, q.dtype, form, q.device)
-    if block_m is not None:
-        cfg["BLOCK_M"] = block_m
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
-    if num_warps is not None:
-        cfg["num_warps"] = num_warps
-    if num_stages is not None:
-        cfg["num_stages"] = num_stages
     block_r = max(16, min(64, triton.next_power_of_2(max(rank, 1))))
 
     dummy = q
     grid = (triton.cdiv(nq, cfg["BLOCK_M"]), b * h)
-    _blended_attn_fwd[grid](
+    args = (
         q, k, v,
         qs if qs is not None else dummy, ks if ks is not None else dummy,
         ps if ps is not None else dummy, rs if rs is not None else dummy,
@@ -357,9 +367,11 @@ def blended_attention_fwd(q, k, v, kv_frames, source=None, mask=None, scale=None
         *_strides(qs, 4), *_strides(ks, 4), *_strides(ps, 4), *_strides(rs, 3),
         *_strides(u, 4), *_strides(wv, 4), *_strides(mask, 2), *out.stride(),
         scale * LOG2E, h, nq, nk, n_frames, rank,
+    )
+    kwargs = dict(
         HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
-        SOURCE=code, HAS_MASK=mask is not None, HAS_ROW_SCALE=rs is not None,
+        SOURCE=SOURCE_CODES[form], HAS_MASK=mask is not None, HAS_ROW_SCALE=rs is not None,
         IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return grid, args, kwargs

@@ -266,6 +266,19 @@ def test_pick_config_gpu_tiles():
     assert kernels.pick_config(40, torch.float16, None, interpret=True)["BLOCK_M"] == 16
 
 
+def test_compile_check_sm90():
+    """The kernel compiles for sm_90a with the installed Triton and its bundled ptxas, no GPU needed
+    (tools/compile_check.py, a subprocess: it needs compiled, not interpreted, kernels)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import subprocess
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "compile_check.py")
+    res = subprocess.run([sys.executable, tool, "--dtypes", "fp16", "--head-dims", "40", "--forms", "qk,lowrank"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 failure(s); PTX target(s): sm_90a" in res.stdout, res.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: SD-1.4 shapes (8 frames x 8 heads; 64x64, 32x32, 16x16 latents), fp16 and bf16.
 

@@ -27,24 +27,26 @@ def _triton_importable() -> bool:
 def _load_kernels():
     """The kernels module: `fatezero_fast.kernels` when installed, else the checkout's `kernels/`.
 
-    In a source checkout the top-level kernels/ directory is loaded under the name
-    `fatezero_fast.kernels` (what setup.py's package_dir does when installed), by path, so that an
-    unrelated `kernels` package elsewhere on sys.path can never be picked up instead.
+    Installed (a wheel or a regular install), the kernels sit inside the package directory. Otherwise
+    the kernels/ directory next to the package -- a source checkout, or an editable install, whose
+    kernels are that same directory -- is loaded by path under the name `fatezero_fast.kernels`, so
+    that neither an unrelated `kernels` package on sys.path nor another checkout's editable install
+    can be picked up instead.
     """
     global _kernels
     if _kernels is not None:
         return _kernels
-    try:
-        from fatezero_fast import kernels as mod  # installed layout
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("fatezero_fast.kernels", "fatezero_fast"):
-            raise
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        init = os.path.join(root, "kernels", "__init__.py")
+    import fatezero_fast
+
+    pkg_dir = os.path.dirname(os.path.abspath(fatezero_fast.__file__))
+    name = "fatezero_fast.kernels"
+    if os.path.isfile(os.path.join(pkg_dir, "kernels", "__init__.py")):  # installed layout
+        mod = importlib.import_module(name)
+    else:
+        init = os.path.join(os.path.dirname(pkg_dir), "kernels", "__init__.py")
         if not os.path.isfile(init):
-            raise ImportError("fatezero_fast.kernels is not installed and no kernels/ directory was found "
-                              f"next to the package ({root})") from exc
-        name = "fatezero_fast.kernels"
+            raise ImportError(f"fatezero_fast.kernels is not installed and no kernels/ directory was found "
+                              f"next to the package ({os.path.dirname(pkg_dir)})")
         spec = importlib.util.spec_from_file_location(name, init,
                                                       submodule_search_locations=[os.path.dirname(init)])
         mod = importlib.util.module_from_spec(spec)
@@ -54,7 +56,6 @@ def _load_kernels():
         except BaseException:
             sys.modules.pop(name, None)
             raise
-        import fatezero_fast
         fatezero_fast.kernels = mod
     _kernels = mod
     return _kernels
