@@ -102,6 +102,36 @@ def cross_fusion_cost(pipe, edit_step, repeats: int) -> dict:
     return {name: value / repeats for name, value in seconds.items()}
 
 
+def source_branch_flops(model: str, size: int, max_control_tokens: int) -> dict:
+    """FLOPs of one UNet pass per frame and the share the source branch skips with the early exit
+    (counted by torch's FlopCounterMode on the meta device, stock per-frame attention: the
+    sparse-causal attention's extra key frames are not counted)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fatezero_fast.models import CONFIGS, _DOWN, _UP
+    from fatezero_fast.processors import FateZeroState
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, down_block_types=_DOWN, up_block_types=_UP,
+                                    **CONFIGS[model]["unet"])
+        sample = torch.randn(1, 4, size // 8, size // 8)
+        context = torch.randn(1, 77, unet.config.cross_attention_dim)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(sample, torch.tensor(500), encoder_hidden_states=context)
+    state = FateZeroState(VideoAttentionConfig(max_control_tokens=max_control_tokens))
+    state.begin_call("edit", 1, (size // 8, size // 8))
+    block = source_exit_block(unet, state)
+    counts = counter.get_flop_counts()
+    skipped = [f"UNet2DConditionModel.up_blocks.{i}" for i in range(block or len(unet.up_blocks), len(unet.up_blocks))]
+    skipped += ["UNet2DConditionModel.conv_norm_out", "UNet2DConditionModel.conv_out"] if block is not None else []
+    total = counter.get_total_flops()
+    share = sum(sum(counts.get(name, {}).values()) for name in skipped) / total
+    return {"unet_gflop_per_frame": total / 1e9, "source_exit_block": block, "skipped_share": share,
+            "ideal_recompute_vs_plain_cfg": (2 + 1 - share) / 2}
+
+
 @torch.no_grad()
 def measure(args) -> dict:
     attention = VideoAttentionConfig(max_control_tokens=args.max_control_tokens)
@@ -137,7 +167,8 @@ def measure(args) -> dict:
 
     fatezero = pipe.unet.attn_processors
     pipe.state.begin_call("edit", f, latent, plan=plan, step=0, store=store)
-    result = {"source_exit_block": source_exit_block(pipe.unet, pipe.state)}
+    result = {"source_exit_block": source_exit_block(pipe.unet, pipe.state),
+              "flops": source_branch_flops(args.model, args.size, args.max_control_tokens)}
     result.update(timed({"plain_cfg": plain, "recompute_full_source": edit(False), "recompute": edit(True),
                          "stock_cfg": stock}, args.repeats, pipe.device))
 
