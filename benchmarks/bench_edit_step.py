@@ -209,7 +209,8 @@ def main() -> None:
     result = measure(args)
     for name, value in result.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k} {v:.3f}s" for k, v in value.items())
+            unit = "s" if name == "cross_fusion" else ""
+            value = ", ".join(f"{k} {v:.3f}{unit}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:.3f}" + ("" if "_vs_" in name else "s")
         print(f"{name:40s} {value}")
