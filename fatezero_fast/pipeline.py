@@ -324,13 +324,22 @@ class FateZeroPipeline:
         plan = EditPlan.build(options, inversion.source_prompt, target_prompt, steps, self.tokenizer)
         src_cond, tgt_cond = self.encode_prompt(inversion.source_prompt), self.encode_prompt(target_prompt)
         cfg = options.guidance_scale != 1
+        uncond = self.encode_prompt("") if cfg else None
         store = inversion.store
-        edit_embeddings = ([self.encode_prompt("")] if cfg else []) + [tgt_cond]  # [uncond (with guidance), target]
         z = inversion.latent(steps, self.device, self.dtype)
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
+        # Chunked, the unconditional branch runs in a layer-major pass of its own: its attention and
+        # GroupNorm statistics involve no other branch, so the host keeps fewer branches' activations.
+        joint = 2 + store.recompute
+        separate_uncond = cfg and chunk_size is not None and \
+            (chunk_size != "auto" or self.auto_chunk_size(f, joint, latent_size) is not None)
+        edit_embeddings = ([uncond] if cfg and not separate_uncond else []) + [tgt_cond]  # [(uncond,) target]
         edit_maps_sum, masks = None, {"self_attention": [], "latents": []}
         for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
             source_maps = inversion.token_maps[steps - 1 - j].to(self.device)
+            if separate_uncond:
+                self.state.begin_call("plain", f, latent_size)
+                eps_uncond = self._unet([z], [uncond], t, chunk_size, progress)
             # recompute: the source branch goes first, at the steps that fuse it (fatezero_fast.source_branch)
             with_source = store.recompute and plan.uses_source(j)
             embeddings = ([src_cond] if with_source else []) + edit_embeddings
@@ -344,7 +353,8 @@ class FateZeroPipeline:
             eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
             eps_edit = eps[-f:]
             if cfg:
-                eps_uncond = eps[-2 * f:-f]
+                if not separate_uncond:
+                    eps_uncond = eps[-2 * f:-f]
                 eps_edit = eps_uncond + options.guidance_scale * (eps_edit - eps_uncond)
             z = scheduler.step(eps_edit, t, z).prev_sample.to(self.dtype)
             if plan.blend_self_attention and plan.replaces_self(j):

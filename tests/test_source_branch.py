@@ -25,10 +25,10 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def calls(branches_per_step, chunk):
+def calls(branches_per_call, chunk):
     """Rows a module sees, call by call: all frames of every branch, or chunk frames at a time."""
     sizes = [FRAMES] if chunk is None else [min(chunk, FRAMES - a) for a in range(0, FRAMES, chunk)]
-    return [b * n for b in branches_per_step for n in sizes]
+    return [b * n for b in branches_per_call for n in sizes]
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,13 @@ def test_recompute_with_early_exit_equals_stored_source_in_float64(max_tokens, e
             for hook in hooks:
                 hook.remove()
         entering, exiting = rows.values()
-        if form == "recompute":  # [source, uncond, target] at the fused steps 0 and 1, then [uncond, target]
-            assert entering == calls([3, 3, 2, 2], chunk)
-        else:
-            assert entering == calls([2] * STEPS, chunk)
-        assert exiting == calls([2] * STEPS, chunk)  # the source has left by then
+        fused = form == "recompute"  # the source branch is in the batch at the fused steps 0 and 1
+        if chunk is None:  # one call a step: [source, uncond, target], then [uncond, target]
+            assert entering == calls([3, 3, 2, 2] if fused else [2] * STEPS, chunk)
+            assert exiting == calls([2] * STEPS, chunk)  # the source has left by then
+        else:  # chunked: [uncond] in a pass of its own, then [source, target] or [target]
+            assert entering == calls([1, 2, 1, 2, 1, 1, 1, 1] if fused else [1] * 2 * STEPS, chunk)
+            assert exiting == calls([1] * 2 * STEPS, chunk)
     masks = results["qk"].masks
     assert 0 < masks["self_attention"].mean() < 1 and 0 < masks["latents"].mean() < 1  # mixed masks
     for name in masks:
