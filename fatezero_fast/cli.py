@@ -85,8 +85,9 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the inversion latents kept for the edits (default: the model's, exact; "
                         "fp16 halves an fp32 model's: 1.7 GB instead of 3.4 for 1,024 frames at 512x512, 50 steps)")
     p.add_argument("--latents-placement", default="host", choices=["host", "disk"],
-                   help="keep the inversion latents in host memory (default) or on disk, one file per step, "
-                        "read back a step at a time while editing")
+                   help="keep the inversion latents and the source token maps of the mask level (4 GB for "
+                        "1,024 frames at 512x512, 50 steps) in host memory (default) or on disk, one file per "
+                        "step, read back a step at a time while editing")
 
 
 def _make_store(args):

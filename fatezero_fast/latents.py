@@ -1,9 +1,10 @@
-"""Where an inversion keeps its latents z_0 .. z_T: a host tensor, or one file per step on disk.
+"""Where an inversion keeps its per-step tensors: a host tensor, or one file per step on disk.
 
-Both are indexed by step (`latents[i]` is z_i, (F, 4, h, w) on the CPU) and written the same way
-(`latents[i] = z`), so the pipeline reads one step at a time whichever it is. For 1,024 frames at
-512x512 and 50 steps they take 1.7 GB in fp16 (3.4 GB in fp32); on disk, an edit step reads two
-steps of 32 MB each.
+The latents z_0 .. z_T ((T+1, F, 4, h, w)) and the source token maps of the mask level
+((T, F, rh, rw, 77), fp32) are both indexed by step (`latents[i]` is z_i on the CPU) and written
+the same way (`latents[i] = z`), so the pipeline reads one step at a time whichever it is. For
+1,024 frames at 512x512 and 50 steps the latents take 1.7 GB in fp16 (3.4 GB in fp32) and the
+token maps 4.0 GB; on disk, an edit step reads two latent steps of 32 MB and one map step of 81 MB.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _BY_NAME[name]
 
 
-class DiskLatents:
-    """(T+1, F, 4, h, w) latents kept as files step_0000.pt, step_0001.pt, ... in `folder`."""
+class DiskSteps:
+    """Per-step tensors (shape[0] steps) kept as files step_0000.pt, step_0001.pt, ... in `folder`."""
 
     def __init__(self, folder: str | Path, shape, dtype: torch.dtype):
         self.folder, self.shape, self.dtype = Path(folder), torch.Size(shape), dtype
@@ -62,24 +63,24 @@ class DiskLatents:
         torch.save(z.detach().to("cpu", self.dtype, memory_format=torch.contiguous_format, copy=True), self.path(step))
         self._cache.pop(step, None)
 
-    def check(self) -> "DiskLatents":
+    def check(self) -> "DiskSteps":
         missing = [s for s in range(len(self)) if not self.path(s).is_file()]
         if missing:
-            raise InputError(f"{self.folder} lacks the latents of steps {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+            raise InputError(f"{self.folder} lacks the files of steps {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                              f"the inversion folder is incomplete")
         return self
 
-    def copy_to(self, folder: str | Path) -> "DiskLatents":
+    def copy_to(self, folder: str | Path) -> "DiskSteps":
         folder = Path(folder)
         if folder.resolve() != self.folder.resolve():
             folder.mkdir(parents=True, exist_ok=True)
             for step in range(len(self)):
                 shutil.copyfile(self.path(step), folder / self.path(step).name)
-        return DiskLatents(folder, self.shape, self.dtype)
+        return DiskSteps(folder, self.shape, self.dtype)
 
 
-def new_latents(shape, dtype: torch.dtype, folder: str | Path | None = None) -> torch.Tensor | DiskLatents:
-    """Room for (T+1, F, 4, h, w) latents in `dtype`: a host tensor, or files in `folder`."""
+def new_steps(shape, dtype: torch.dtype, folder: str | Path | None = None) -> torch.Tensor | DiskSteps:
+    """Room for per-step tensors of `shape` in `dtype`: a host tensor, or files in `folder`."""
     if folder is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    return DiskLatents(folder, shape, dtype)
+    return DiskSteps(folder, shape, dtype)

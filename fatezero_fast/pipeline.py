@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .chunking import auto_chunk_size
 from .control import EditOptions, EditPlan, blend_latents
 from .errors import InputError
-from .latents import DTYPE_NAMES, DiskLatents, dtype_from_name, new_latents
+from .latents import DTYPE_NAMES, DiskSteps, dtype_from_name, new_steps
 from .processors import VideoAttentionConfig, install
 from .reference import ddim_inversion_step
 from .source_branch import drop_source_branch, source_exit_block
@@ -70,14 +70,17 @@ def _quiet_diffusers():
         diffusers_logging.set_verbosity(level)
 
 
+_DISK_FOLDERS = {"latents": "latents", "token_maps": "latents/token_maps"}  # in a saved inversion folder
+
+
 @dataclass
 class Inversion:
     """A DDIM-inverted clip: everything an edit needs, on the CPU (or on disk).
 
     latents: (T+1, F, 4, h, w), latents[i] = z_i (z_0 the encoded clip, z_T the noisiest): a host
-    tensor, or a fatezero_fast.latents.DiskLatents (one file per step) read a step at a time;
+    tensor, or a fatezero_fast.latents.DiskSteps (one file per step) read a step at a time;
     token_maps: (T, F, rh, rw, 77), the source cross maps of inversion call i averaged over the
-    heads and layers of the mask level.
+    heads and layers of the mask level, kept like the latents (on disk: in their token_maps/).
     """
 
     source_prompt: str
@@ -102,16 +105,18 @@ class Inversion:
         disk are copied into latents/, which this inversion then reads)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        on_disk = isinstance(self.latents, DiskLatents)
-        if on_disk:
-            self.latents = self.latents.copy_to(folder / "latents")
-        latents = dict(placement="disk" if on_disk else "host", dtype=DTYPE_NAMES[self.latents.dtype],
-                       shape=list(self.latents.shape))
+        kept = {}
+        for name in ("latents", "token_maps"):
+            value = getattr(self, name)
+            if isinstance(value, DiskSteps):
+                setattr(self, name, value.copy_to(folder / _DISK_FOLDERS[name]))
+            kept[name] = dict(placement="disk" if isinstance(value, DiskSteps) else "host",
+                              dtype=DTYPE_NAMES[value.dtype], shape=list(value.shape))
         meta = dict(source_prompt=self.source_prompt, num_inference_steps=self.num_inference_steps,
-                    attention=asdict(self.attention), model=self.model, latents=latents, format=1)
+                    attention=asdict(self.attention), model=self.model, **kept, format=1)
         (folder / "inversion.json").write_text(json.dumps(meta, indent=2))
-        torch.save({"latents": None if on_disk else self.latents, "token_maps": self.token_maps,
-                    "frames": self.frames, "store": self.store.state_dict()}, folder / "inversion.pt")
+        in_file = {name: None if kept[name]["placement"] == "disk" else getattr(self, name) for name in kept}
+        torch.save({**in_file, "frames": self.frames, "store": self.store.state_dict()}, folder / "inversion.pt")
         if self.store.placement == "disk" and self.store.folder.resolve() != (folder / "store").resolve():
             shutil.copytree(self.store.folder, folder / "store", dirs_exist_ok=True)
         return folder
@@ -127,11 +132,12 @@ class Inversion:
         saved = tensors["store"]
         store = make_store(saved["form"], placement=saved["placement"], folder=folder / "store")
         store.load_state_dict(saved)
-        latents = tensors["latents"]
-        if meta.get("latents", {}).get("placement") == "disk":
-            kept = meta["latents"]
-            latents = DiskLatents(folder / "latents", kept["shape"], dtype_from_name(kept["dtype"])).check()
-        return cls(meta["source_prompt"], meta["num_inference_steps"], latents, tensors["token_maps"],
+        for name in ("latents", "token_maps"):
+            kept = meta.get(name, {})
+            if kept.get("placement") == "disk":
+                tensors[name] = DiskSteps(folder / _DISK_FOLDERS[name], kept["shape"],
+                                          dtype_from_name(kept["dtype"])).check()
+        return cls(meta["source_prompt"], meta["num_inference_steps"], tensors["latents"], tensors["token_maps"],
                    VideoAttentionConfig(**meta["attention"]), store, tensors.get("frames"), meta.get("model"))
 
 
@@ -275,7 +281,8 @@ class FateZeroPipeline:
         runs the UNet over that many frames at a time, exactly (fatezero_fast.streaming); "auto"
         picks it from the free GPU memory. The latents of every step are kept in `latents_dtype`
         (default: the model's, exactly what the steps computed; "fp16" halves an fp32 model's), in
-        host memory or, with `latents_folder`, one file per step there (read back a step at a time).
+        host memory or, with `latents_folder`, one file per step there (read back a step at a time),
+        and so are the source token maps of the mask level (in its token_maps/).
         """
         chunk_size = self.chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
         store = make_store(store) if isinstance(store, str) else store
@@ -290,7 +297,7 @@ class FateZeroPipeline:
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
         cond = self.encode_prompt(source_prompt)
         steps = len(timesteps)
-        kept = new_latents((steps + 1,) + tuple(z.shape), keep_dtype, latents_folder)
+        kept = new_steps((steps + 1,) + tuple(z.shape), keep_dtype, latents_folder)
         kept[0] = z.cpu()
         token_maps = None
         for i in tqdm(range(steps), desc="inversion", disable=not progress):
@@ -298,8 +305,9 @@ class FateZeroPipeline:
             self.state.begin_call("invert", f, latent_size, capture_branch=0, store=store, store_step=i)
             eps = self._unet([z], [cond], t, chunk_size, progress)
             maps = self.state.captured_token_maps().cpu()
-            if token_maps is None:
-                token_maps = torch.empty((steps,) + tuple(maps.shape), dtype=maps.dtype)
+            if token_maps is None:  # kept where the latents are
+                token_maps = new_steps((steps,) + tuple(maps.shape), maps.dtype,
+                                       None if latents_folder is None else Path(latents_folder) / "token_maps")
             token_maps[i] = maps
             store.end_step(i)
             z = ddim_inversion_step(eps, t, z, scheduler.alphas_cumprod.to(self.device),

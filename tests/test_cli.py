@@ -274,7 +274,9 @@ def test_invert_latents_fp16_on_disk_then_edit(capsys, clip_dir, tmp_path, monke
                               "--latents-dtype", "fp16", "--latents-placement", "disk", "-o", inv)
     assert rc == 0, err
     assert "latents (on disk, float16)" in err
-    assert sorted(p.name for p in (inv / "latents").iterdir()) == ["step_0000.pt", "step_0001.pt", "step_0002.pt"]
+    assert sorted(p.name for p in (inv / "latents").iterdir()) == ["step_0000.pt", "step_0001.pt", "step_0002.pt",
+                                                                 "token_maps"]
+    assert len(list((inv / "latents" / "token_maps").iterdir())) == 2  # the mask-level maps of both steps
     meta = json.loads((inv / "inversion.json").read_text())
     assert meta["latents"] == {"placement": "disk", "dtype": "fp16", "shape": [3, 2, 4, 8, 8]}
     assert not any(temp.iterdir())  # the temporary latents folder is gone

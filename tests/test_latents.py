@@ -4,7 +4,7 @@ import torch
 
 from fatezero_fast import chunking
 from fatezero_fast.errors import InputError
-from fatezero_fast.latents import DiskLatents
+from fatezero_fast.latents import DiskSteps
 from fatezero_fast.models import CONFIGS
 from fatezero_fast.pipeline import Inversion
 from fatezero_fast.video import make_sample_clip
@@ -34,10 +34,14 @@ def rel_err(a, b):
 
 def test_disk_latents_equal_host_latents(tiny_pipeline, clip, host, tmp_path):
     disk = tiny_pipeline.invert(clip, SOURCE, STEPS, seed=3, progress=False, latents_folder=tmp_path / "z")
-    assert isinstance(disk.latents, DiskLatents) and disk.latents.shape == host.latents.shape
-    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == [f"step_{i:04d}.pt" for i in range(STEPS + 1)]
+    assert isinstance(disk.latents, DiskSteps) and disk.latents.shape == host.latents.shape
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == \
+        [f"step_{i:04d}.pt" for i in range(STEPS + 1)] + ["token_maps"]
     for i in range(STEPS + 1):
         assert torch.equal(disk.latents[i], host.latents[i])
+    assert isinstance(disk.token_maps, DiskSteps) and disk.token_maps.folder == tmp_path / "z" / "token_maps"
+    for i in range(STEPS):  # the source token maps of the mask level go with the latents
+        assert torch.equal(disk.token_maps[i], host.token_maps[i])
     assert torch.equal(edit(tiny_pipeline, disk), edit(tiny_pipeline, host))
 
 
@@ -59,11 +63,14 @@ def test_save_load_round_trip(tiny_pipeline, clip, host, tmp_path, dtype, on_dis
     inversion.save(tmp_path / "saved")
     loaded = Inversion.load(tmp_path / "saved")
     assert type(loaded.latents) is type(inversion.latents) and loaded.latents.dtype == inversion.latents.dtype
+    assert type(loaded.token_maps) is type(inversion.token_maps)
     if on_disk:  # the saved folder holds its own copy of the steps
-        assert loaded.latents.folder == tmp_path / "saved" / "latents"
-        assert inversion.latents.folder == tmp_path / "saved" / "latents"
+        assert loaded.latents.folder == inversion.latents.folder == tmp_path / "saved" / "latents"
+        assert loaded.token_maps.folder == inversion.token_maps.folder == tmp_path / "saved" / "latents" / "token_maps"
     for i in range(STEPS + 1):
         assert torch.equal(loaded.latents[i], inversion.latents[i])
+    for i in range(STEPS):
+        assert torch.equal(loaded.token_maps[i], inversion.token_maps[i])
     assert torch.equal(edit(tiny_pipeline, loaded), expected)
 
 
@@ -71,8 +78,13 @@ def test_incomplete_disk_latents(tiny_pipeline, clip, tmp_path):
     inversion = tiny_pipeline.invert(clip, SOURCE, 2, seed=3, progress=False, latents_folder=tmp_path / "z")
     inversion.save(tmp_path / "saved")
     (tmp_path / "saved" / "latents" / "step_0001.pt").unlink()
-    with pytest.raises(InputError, match=r"lacks the latents of steps \[1\]"):
+    with pytest.raises(InputError, match=r"latents lacks the files of steps \[1\]"):
         Inversion.load(tmp_path / "saved")
+    inversion = tiny_pipeline.invert(clip, SOURCE, 2, seed=3, progress=False, latents_folder=tmp_path / "z2")
+    inversion.save(tmp_path / "saved2")
+    (tmp_path / "saved2" / "latents" / "token_maps" / "step_0000.pt").unlink()
+    with pytest.raises(InputError, match=r"token_maps lacks the files of steps \[0\]"):
+        Inversion.load(tmp_path / "saved2")
     with pytest.raises(InputError, match="unknown dtype"):
         tiny_pipeline.invert(clip, SOURCE, 2, progress=False, latents_dtype="fp8")
 
