@@ -62,6 +62,7 @@ class _Clip:
         self.runner, self.keep_stats = runner, stats
         self.data: torch.Tensor | None = None
         self.dropped = 0  # leading branches of `data` that left the batch (`without_first_branch`)
+        self.compacted = False  # branch 0 is not in `data` at all (`compact_without_first_branch`)
         self.stats: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk, (B, C)
 
     @property
@@ -90,9 +91,21 @@ class _Clip:
 
     def without_first_branch(self) -> "_Clip":
         """The same activation without branch 0 (a view: nothing is copied)."""
+        if self.compacted:
+            return self
         clip = _Clip(self.runner, self.keep_stats)
         clip.data, clip.dropped = self.data, self.dropped + 1
         clip.stats = [(n, mean[1:], m2[1:]) for n, mean, m2 in self.stats]
+        return clip
+
+    def compact_without_first_branch(self) -> "_Clip":
+        """A copy without branch 0, for a skip activation that only modules after branch 0 left the
+        batch will read: its memory goes, and `without_first_branch` of the copy is the copy itself."""
+        clip = self.without_first_branch()
+        data = self.data[:, 1:]
+        clip.data = torch.empty(data.shape, dtype=data.dtype, device=data.device, pin_memory=self.runner.pin)
+        clip.data.copy_(data)
+        clip.dropped, clip.compacted = 0, True
         return clip
 
     def channel_stats(self) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -496,9 +509,14 @@ def _forward(r: _Runner, sample: torch.Tensor, timestep: torch.Tensor, drop_firs
 
     h = r.per_frame(unet.conv_in, x)
     skips = [h]
+    # the first `late` skips are read only by up blocks after branch 0 leaves: once the down path is
+    # done with them, their branch-0 part is freed (the largest, top-level ones: less host memory)
+    late = 0 if drop_first_branch_at is None else \
+        sum(len(block.resnets) for block in list(unet.up_blocks)[drop_first_branch_at:])
     for block in unet.down_blocks:
         h, outputs = r.down_block(block, h, emb)
         skips += outputs
+        skips[:late] = [s if s is h or s.compacted else s.compact_without_first_branch() for s in skips[:late]]
     if unet.mid_block is not None:
         h = r.mid_block(unet.mid_block, h, emb)
     # up blocks upsample to the skip's size when the sample is not a multiple of the overall factor

@@ -13,6 +13,7 @@ from fatezero_fast.models import random_components
 from fatezero_fast.pipeline import FateZeroPipeline
 from fatezero_fast.processors import FateZeroState, VideoAttentionConfig
 from fatezero_fast.source_branch import source_exit_block, up_block_tokens
+from fatezero_fast.streaming import _Clip
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 FRAMES, STEPS = 3, 4
@@ -53,7 +54,16 @@ def test_source_exit_block(unet, latent, max_tokens, block):
 
 @pytest.mark.parametrize("max_tokens,exit_block", [(16, 2), (4, 0)])
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_recompute_with_early_exit_equals_stored_source_in_float64(max_tokens, exit_block, chunk):
+def test_recompute_with_early_exit_equals_stored_source_in_float64(max_tokens, exit_block, chunk, monkeypatch):
+    compacted = []  # chunked: skips read only after the source left, kept without its rows (branches kept)
+    compact = _Clip.compact_without_first_branch
+
+    def recording(clip):
+        out = compact(clip)
+        compacted.append(out.data.shape[1])
+        return out
+
+    monkeypatch.setattr(_Clip, "compact_without_first_branch", recording)
     config = VideoAttentionConfig(backend="reference", max_control_tokens=max_tokens)
     pipe = FateZeroPipeline.tiny_random(seed=0, device="cpu", dtype=torch.float64, attention=config)
     latents = torch.randn(FRAMES, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -77,6 +87,10 @@ def test_recompute_with_early_exit_equals_stored_source_in_float64(max_tokens, e
         else:  # chunked: [uncond] in a pass of its own, then [source, target] or [target]
             assert entering == calls([1, 2, 1, 2, 1, 1, 1, 1] if fused else [1] * 2 * STEPS, chunk)
             assert exiting == calls([1] * 2 * STEPS, chunk)
+    # with the source at steps 0 and 1: the skips of the up blocks from exit_block on, but the one
+    # that feeds the next block (the last skip when every skip is late), each in one branch, target's
+    late = {2: 6, 0: 11}[exit_block]
+    assert compacted == ([] if chunk is None else [1] * late * 2)
     masks = results["qk"].masks
     assert 0 < masks["self_attention"].mean() < 1 and 0 < masks["latents"].mean() < 1  # mixed masks
     for name in masks:
