@@ -32,15 +32,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from fatezero_fast.control import EditOptions, EditPlan
-from fatezero_fast.models import random_components
-from fatezero_fast.pipeline import FateZeroPipeline
-from fatezero_fast.processors import FateZeroCrossAttnProcessor, VideoAttentionConfig
-from fatezero_fast.source_branch import source_exit_block
-from fatezero_fast.store import make_store
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the checkout's package when it is not installed (the device machine)
+    sys.path.insert(0, str(REPO))
+
+from fatezero_fast.control import EditOptions, EditPlan  # noqa: E402
+from fatezero_fast.models import random_components  # noqa: E402
+from fatezero_fast.pipeline import FateZeroPipeline  # noqa: E402
+from fatezero_fast.processors import FateZeroCrossAttnProcessor, VideoAttentionConfig  # noqa: E402
+from fatezero_fast.source_branch import source_exit_block  # noqa: E402
+from fatezero_fast.store import make_store  # noqa: E402
 
 SOURCE, TARGET = "a red car driving down a road", "watercolor painting of a red car driving down a road"
 EVERY_STEP = dict(cross_replace_steps=0.8, self_replace_steps=1.0, eq_params={"words": ["watercolor"], "values": [5]})
