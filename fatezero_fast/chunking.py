@@ -28,8 +28,8 @@ WORKING = 32      # top-level activations alive at once per row, in units of h*w
 FRACTION = 0.5    # of the free device memory a UNet call may take
 
 
-def _levels(unet_config, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """(channels, tokens) of each UNet level, top first."""
+def unet_levels(unet_config, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """(channels, tokens) of each UNet level, top first (levels halve, rounding up)."""
     h, w = latent_size
     levels = []
     for channels in unet_config["block_out_channels"]:
@@ -40,7 +40,7 @@ def _levels(unet_config, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
 
 def row_bytes(unet_config, latent_size: tuple[int, int], dtype_bytes: int, chunked: bool = True) -> int:
     """Estimated device bytes per UNet row (one frame of one branch), see the module docstring."""
-    levels = _levels(unet_config, latent_size)
+    levels = unet_levels(unet_config, latent_size)
     channels, tokens = levels[0]
     total = WORKING * channels * tokens
     if not chunked:

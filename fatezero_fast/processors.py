@@ -194,11 +194,11 @@ class SpatioTemporalAttnProcessor:
 
     def kv_frames_needed(self) -> torch.Tensor:
         """Sorted clip frames whose keys/values a chunked call of this layer must be given."""
-        return resolve_frame_index(self.index_list, self.state.num_frames).unique()
+        return _frame_index_on(tuple(self.index_list), self.state.num_frames, _CPU).unique()
 
     def kv_frames_for(self, start: int, stop: int) -> torch.Tensor:
         """Sorted clip frames the queries of frames [start, stop) attend to."""
-        return resolve_frame_index(self.index_list, self.state.num_frames)[start:stop].unique()
+        return _frame_index_on(tuple(self.index_list), self.state.num_frames, _CPU)[start:stop].unique()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .chunking import unet_levels
 from .errors import InputError
 from .reference import attention_probs, gather_frames, resolve_frame_index
 
@@ -406,16 +407,12 @@ def controlled_layers(unet_config: dict, height: int, width: int, sparse_causal_
                       vae_scale: int = 8) -> list[tuple[int, int, int, list]]:
     """(channels, heads, query tokens N, index list) of each controlled transformer block (one self-
     and one cross-attention each) of an SD-style UNet at this resolution; [] for per-frame attention."""
-    widths = list(unet_config["block_out_channels"])
     heads_cfg = unet_config.get("attention_head_dim", 8)  # SD-1.x's config names the head count so
     per_block = unet_config.get("layers_per_block", 2)
     down = unet_config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
     up = unet_config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
-    h, w = math.ceil(height / vae_scale), math.ceil(width / vae_scale)
-    levels = []
-    for i, ch in enumerate(widths):
-        levels.append((i, ch, h * w))
-        h, w = (h + 1) // 2, (w + 1) // 2
+    latent_size = (math.ceil(height / vae_scale), math.ceil(width / vae_scale))
+    levels = [(i, ch, n) for i, (ch, n) in enumerate(unet_levels(unet_config, latent_size))]
     blocks = [(lv, per_block) for lv, kind in zip(levels, down) if kind.startswith("CrossAttn")]
     blocks.append((levels[-1], 1))  # the mid block
     blocks += [(lv, per_block + 1) for lv, kind in zip(reversed(levels), up) if kind.startswith("CrossAttn")]
