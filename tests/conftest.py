@@ -27,12 +27,20 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory):
+def clip():
+    """The built-in car clip, (CLIP_FRAMES, 3, CLIP_SIZE, CLIP_SIZE) in [-1, 1]."""
+    from fatezero_fast.video import make_sample_clip
+
+    return make_sample_clip(CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory, clip):
     """A folder of CLIP_FRAMES PNG frames (0000.png, ...) of the built-in car clip, CLIP_SIZE square."""
-    from fatezero_fast.video import make_sample_clip, save_frames
+    from fatezero_fast.video import save_frames
 
     folder = tmp_path_factory.mktemp("clip") / "car"
-    save_frames(make_sample_clip(CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE), folder)
+    save_frames(clip, folder)
     return folder
 
 

@@ -7,16 +7,10 @@ from fatezero_fast.errors import InputError
 from fatezero_fast.latents import DiskSteps
 from fatezero_fast.models import CONFIGS
 from fatezero_fast.pipeline import Inversion
-from fatezero_fast.video import make_sample_clip
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 STEPS = 3
 EDIT = dict(blend_words=[["car"], ["car"]], blend_self_attention=True, blend_latents=True)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return make_sample_clip(3, 64, 64)
 
 
 @pytest.fixture(scope="module")

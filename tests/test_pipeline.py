@@ -4,15 +4,9 @@ import torch
 
 from fatezero_fast.errors import InputError
 from fatezero_fast.pipeline import FateZeroPipeline, Inversion
-from fatezero_fast.video import make_sample_clip
 
 SOURCE = "a red car driving down a road"
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return make_sample_clip(3, 64, 64)
 
 
 @pytest.fixture(scope="module")
