@@ -70,7 +70,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"fatezero_fast": ["data/*"]},
+    package_data={"fatezero_fast": ["models/data/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[
@@ -86,6 +86,6 @@ setup(
         "safetensors",
     ],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest"]},
-    entry_points={"console_scripts": ["fatezero-fast = fatezero_fast.cli:main"]},
+    entry_points={"console_scripts": ["fatezero-fast = fatezero_fast.io.cli:main"]},
     zip_safe=False,
 )

@@ -64,7 +64,8 @@ from torch.utils import _pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from fatezero_fast import ops  # noqa: E402
-from fatezero_fast.reference import blended_attention_reference, resolve_frame_index  # noqa: E402
+from fatezero_fast.ops.reference import blended_attention_reference  # noqa: E402
+from fatezero_fast.semantics.frames import resolve_frame_index  # noqa: E402
 
 SHAPES = {64: (4096, 40), 32: (1024, 80), 16: (256, 160)}  # latent side -> (Nq, head dim)
 INDEX_LISTS = {"mid": ["mid"], "-1,first": [-1, "first"]}
@@ -310,7 +311,7 @@ def impl_ours(sets, kv_frames, mode, mask, backend, form, direct=False):
     m = mask if mode.startswith("blend") else None
     scale = sets[0]["q"].shape[-1] ** -0.5
     if direct:
-        from fatezero_fast.backends import triton as tb
+        from fatezero_fast.ops.backends import triton as tb
 
         def fn(i):
             t = sets[i]
@@ -417,7 +418,7 @@ def case_impls(mode, args, device, our_backends, xformers_ok):
             impls.append((f"ours[{backend}]" + (f" {form}" if form else ""), "ours",
                           dict(backend=backend, form=form)))
             if backend == "triton" and device.type == "cuda":
-                impls.append((f"ours[triton,direct]" + (f" {form}" if form else ""), "ours",
+                impls.append(("ours[triton,direct]" + (f" {form}" if form else ""), "ours",
                               dict(backend=backend, form=form, direct=True)))
     impls.append(("fatezero_materialized", "fatezero", {}))
     sdpa_kinds = ["default"] + (["cudnn"] if device.type == "cuda" else [])

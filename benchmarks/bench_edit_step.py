@@ -38,12 +38,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the checkout's package when it is not installed (the device machine)
     sys.path.insert(0, str(REPO))
 
-from fatezero_fast.control import EditOptions, EditPlan  # noqa: E402
+from fatezero_fast.edit.pipeline import FateZeroPipeline  # noqa: E402
 from fatezero_fast.models import random_components  # noqa: E402
-from fatezero_fast.pipeline import FateZeroPipeline  # noqa: E402
-from fatezero_fast.processors import FateZeroCrossAttnProcessor, VideoAttentionConfig  # noqa: E402
-from fatezero_fast.source_branch import source_exit_block  # noqa: E402
-from fatezero_fast.store import make_store  # noqa: E402
+from fatezero_fast.semantics.plan import EditOptions, EditPlan  # noqa: E402
+from fatezero_fast.stores import make_store  # noqa: E402
+from fatezero_fast.unet.processors import (  # noqa: E402
+    FateZeroCrossAttnProcessor,
+    VideoAttentionConfig,
+)
+from fatezero_fast.unet.source_exit import source_exit_block  # noqa: E402
 
 SOURCE, TARGET = "a red car driving down a road", "watercolor painting of a red car driving down a road"
 EVERY_STEP = dict(cross_replace_steps=0.8, self_replace_steps=1.0, eq_params={"words": ["watercolor"], "values": [5]})
@@ -112,8 +115,8 @@ def source_branch_flops(model: str, size: int, max_control_tokens: int) -> dict:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fatezero_fast.models import CONFIGS, _DOWN, _UP
-    from fatezero_fast.processors import FateZeroState
+    from fatezero_fast.models.random import _DOWN, _UP, CONFIGS
+    from fatezero_fast.unet.processors import FateZeroState
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, down_block_types=_DOWN, up_block_types=_UP,

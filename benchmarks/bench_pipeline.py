@@ -65,7 +65,7 @@ def _bare_unet(config: dict, unet_config: dict, device, dtype, branches: int, ch
     import torch
     from diffusers import UNet2DConditionModel
 
-    from fatezero_fast.models import _DOWN, _UP
+    from fatezero_fast.models.random import _DOWN, _UP
 
     with torch.device(device):
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, down_block_types=_DOWN, up_block_types=_UP,
@@ -104,8 +104,8 @@ def _error(exc: BaseException) -> str:
 def run_child(config: dict, out_path: str) -> int:
     import torch
 
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
     from fatezero_fast.models import CONFIGS, random_components
-    from fatezero_fast.pipeline import FateZeroPipeline
 
     record = dict(config)
     phases = record["seconds"] = {}
@@ -241,8 +241,8 @@ def run_config(config: dict, timeout: float) -> dict:
 
 def official_bytes(config: dict) -> dict:
     from fatezero_fast.models import CONFIGS
-    from fatezero_fast.processors import VideoAttentionConfig
-    from fatezero_fast.store import official_store_bytes
+    from fatezero_fast.stores import official_store_bytes
+    from fatezero_fast.unet.processors import VideoAttentionConfig
 
     unet = dict(CONFIGS[config["model"]]["unet"])
     index = VideoAttentionConfig().sparse_causal_index

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from fatezero_fast.edit.pipeline import FateZeroPipeline
+from fatezero_fast.io.video import make_sample_clip
 from fatezero_fast.models import CONFIGS
-from fatezero_fast.pipeline import FateZeroPipeline
-from fatezero_fast.store import estimate_store_bytes, make_store, official_store_bytes
-from fatezero_fast.video import make_sample_clip
+from fatezero_fast.stores import estimate_store_bytes, make_store, official_store_bytes
 
 SD14 = dict(CONFIGS["sd14"]["unet"])
 FORMS = ("recompute", "qk", "full", "fp16", "fp8", "lowrank")

@@ -79,7 +79,7 @@ def build_model(folder: Path, kind: str = "tiny", heads: int = 2, seed: int = 0,
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from fatezero_fast.models import SCHEDULER_CONFIG
-    from fatezero_fast.tokenizer import VOCAB_SIZE, clip_tokenizer
+    from fatezero_fast.models.tokenizer import VOCAB_SIZE, clip_tokenizer
 
     spec = MODELS[kind]
     torch.manual_seed(seed)
@@ -115,7 +115,7 @@ def build_model(folder: Path, kind: str = "tiny", heads: int = 2, seed: int = 0,
 
 
 def make_frames(folder: Path, frames: int, size: int) -> Path:
-    from fatezero_fast.video import make_sample_clip, save_frames
+    from fatezero_fast.io.video import make_sample_clip, save_frames
 
     save_frames(make_sample_clip(frames, size, size), folder)
     return folder
@@ -202,7 +202,9 @@ def run_once(src: Path, config: Path, variant: str, store: str, seed: int, resul
     sys.path.insert(0, str(src))
     import test_fatezero
     from video_diffusion.models.unet_3d_condition import UNetPseudo3DConditionModel
-    from video_diffusion.pipelines.p2p_ddim_spatial_temporal import P2pDDIMSpatioTemporalPipeline
+    from video_diffusion.pipelines.p2p_ddim_spatial_temporal import (
+        P2pDDIMSpatioTemporalPipeline,
+    )
 
     record = {"variant": variant, "edits_s": [], "final_latents": [], "inverted_latents": []}
     if variant.endswith("-1thread"):  # the same computation summed in another order: the rounding floor

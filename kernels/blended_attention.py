@@ -33,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["blended_attention_fwd", "launch_args", "lowrank_wv", "pick_config", "INTERPRET", "SOURCE_CODES"]
+from fatezero_fast.ops.source import Source, SourceForm  # absolute: this folder may be imported as `kernels`
+
+__all__ = ["blended_attention_fwd", "launch_args", "lowrank_wv", "pick_config", "INTERPRET"]
 
 LOG2E = 1.4426950408889634
-SOURCE_CODES = {None: 0, "qk": 1, "probs": 2, "lowrank": 3}
 
 
 def _interpret_mode() -> bool:
@@ -264,7 +265,7 @@ def pick_config(head_dim: int, dtype: torch.dtype, source_form, device: torch.de
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret or (device is not None and torch.device(device).type != "cuda"):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    two_streams = source_form in ("qk", "probs")
+    two_streams = SourceForm.named(source_form) in (SourceForm.QK, SourceForm.PROBS)
     if torch.empty((), dtype=dtype).element_size() >= 4:  # fp32
         if block_d <= 64:
             bm, bn, warps, stages = 32, 32, 4, 2
@@ -312,8 +313,8 @@ def blended_attention_fwd(q, k, v, kv_frames, source=None, mask=None, scale=None
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    form = None if source is None else source[0]
-    cfg = pick_config(q.shape[3], q.dtype, form, q.device)
+    source = Source.of(source)
+    cfg = pick_config(q.shape[3], q.dtype, source.form, q.device)
     for key, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
                        ("num_stages", num_stages)):
         if value is not None:
@@ -337,21 +338,21 @@ def launch_args(q, k, v, kv_frames, source, mask, scale, out, cfg):
     if n_frames == 0 or nk == 0:
         raise ValueError("blended_attention needs at least one key: kv_frames has no frames or k has Nk = 0")
 
-    form = None if source is None else source[0]
+    source = Source.of(source)
+    form = source.form
     qs = ks = ps = rs = u = wv = None
     rank = 0
-    if form == "qk":
-        qs, ks = source[1], source[2]
-    elif form == "probs":
-        ps = source[1]
-        rs = source[2] if len(source) == 3 else None
-    elif form == "lowrank":
-        u = source[1]
+    if form is SourceForm.QK:
+        qs, ks = source.a, source.b
+    elif form is SourceForm.PROBS:
+        ps, rs = source.a, source.row_scale
+    elif form is SourceForm.LOWRANK:
+        u = source.a
         rank = u.shape[3]
-        wv = lowrank_wv(source[2], v, kv_frames)
+        wv = lowrank_wv(source.b, v, kv_frames)
     if mask is not None and not mask.is_floating_point():
         mask = mask.to(torch.float32)
-    if form is None:
+    if form is SourceForm.NONE:
         mask = None
     block_r = max(16, min(64, triton.next_power_of_2(max(rank, 1))))
 
@@ -370,7 +371,7 @@ def launch_args(q, k, v, kv_frames, source, mask, scale, out, cfg):
     )
     kwargs = dict(
         HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
-        SOURCE=SOURCE_CODES[form], HAS_MASK=mask is not None, HAS_ROW_SCALE=rs is not None,
+        SOURCE=int(form), HAS_MASK=mask is not None, HAS_ROW_SCALE=rs is not None,
         IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

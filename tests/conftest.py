@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip():
     """The built-in car clip, (CLIP_FRAMES, 3, CLIP_SIZE, CLIP_SIZE) in [-1, 1]."""
-    from fatezero_fast.video import make_sample_clip
+    from fatezero_fast.io.video import make_sample_clip
 
     return make_sample_clip(CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE)
 
@@ -37,7 +37,7 @@ def clip():
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory, clip):
     """A folder of CLIP_FRAMES PNG frames (0000.png, ...) of the built-in car clip, CLIP_SIZE square."""
-    from fatezero_fast.video import save_frames
+    from fatezero_fast.io.video import save_frames
 
     folder = tmp_path_factory.mktemp("clip") / "car"
     save_frames(clip, folder)
@@ -47,6 +47,6 @@ def clip_dir(tmp_path_factory, clip):
 @pytest.fixture(scope="session")
 def tiny_pipeline():
     """The built-in random tiny FateZeroPipeline on the CPU (fp32)."""
-    from fatezero_fast.pipeline import FateZeroPipeline
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
 
     return FateZeroPipeline.tiny_random(seed=0, device="cpu", dtype="fp32")

@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fatezero_fast import control, ops
-from fatezero_fast.backends import mask as mask_backend
-from fatezero_fast.control import EditPlan
+from fatezero_fast import ops
+from fatezero_fast.ops.backends import mask as mask_backend
+from fatezero_fast.ops.reference import blend_mask_reference
+from fatezero_fast.semantics import masks
+from fatezero_fast.semantics.plan import EditPlan
 
 if not mask_backend.available():
     pytest.skip(f"the blend_mask op is not built ({mask_backend.load_error()}): "
@@ -69,7 +71,7 @@ def sweep_thresholds(values):
 
 def assert_sweep_equal(maps, weights, size, use_pool, op=op_mask):
     for th in sweep_thresholds(normalized_reference(maps.cpu(), weights.cpu(), size, use_pool)):
-        ref = control.blend_mask(maps.cpu(), weights.cpu(), th, size, use_pool)
+        ref = blend_mask_reference(maps.cpu(), weights.cpu(), th, size, use_pool)
         assert torch.equal(op(maps, weights, th, size, use_pool).cpu(), ref), th
 
 
@@ -86,7 +88,7 @@ def test_op_equals_reference(map_size, out_size, use_pool):
             maps = random_maps(gen, FRAMES, *map_size, ("uniform", "softmax")[seed % 2])
             weights = selection(gen, count)
             for th in THRESHOLDS:
-                ref = control.blend_mask(maps, weights, th, out_size, use_pool)
+                ref = blend_mask_reference(maps, weights, th, out_size, use_pool)
                 assert torch.equal(op_mask(maps, weights, th, out_size, use_pool), ref), (seed, count, th)
 
 
@@ -100,7 +102,7 @@ def test_frames_without_attention_on_the_words_are_all_false(use_pool):
     for th in THRESHOLDS:
         out = op_mask(maps, weights, th, (27, 48), use_pool)
         assert not out[1].any() and not out[2].any()
-        assert torch.equal(out, control.blend_mask(maps, weights, th, (27, 48), use_pool))
+        assert torch.equal(out, blend_mask_reference(maps, weights, th, (27, 48), use_pool))
     assert op_mask(maps, weights, 0.0, (27, 48), use_pool)[0].any()
 
 
@@ -125,7 +127,7 @@ def test_edge_shapes():
         maps = torch.rand(2, rh, rw, tokens, generator=gen)
         weights = (torch.rand(tokens, generator=gen) < 0.3).float()
         for th, pool in itertools.product((0.0, 0.5), (True, False)):
-            ref = control.blend_mask(maps, weights, th, size, pool)
+            ref = blend_mask_reference(maps, weights, th, size, pool)
             assert torch.equal(op_mask(maps, weights, th, size, pool), ref), ((rh, rw), size, tokens, th, pool)
     empty = torch.empty(0, 4, 4, 77)
     assert ops.blend_mask(empty, torch.ones(77), 0.3, (8, 8), backend="cpu").shape == (0, 8, 8)
@@ -135,17 +137,17 @@ def test_dispatch_and_wrapper():
     gen = torch.Generator().manual_seed(11)
     maps = random_maps(gen, 2, 16, 16, "softmax")
     weights = selection(gen, 2).double()          # any dtype: cast like weights.to(token_maps)
-    ref = control.blend_mask(maps, weights, 0.3, (32, 32))
+    ref = blend_mask_reference(maps, weights, 0.3, (32, 32))
     for backend in ("auto", "cpu", "reference"):
         assert torch.equal(ops.blend_mask(maps, weights, 0.3, (32, 32), backend=backend), ref)
     # non-contiguous maps with the token axis innermost
     wide = torch.rand(2, 16, 16, 100, generator=gen)
     view = wide[..., :77]
     assert torch.equal(ops.blend_mask(view, weights, 0.3, (32, 32), backend="cpu"),
-                       control.blend_mask(view, weights, 0.3, (32, 32)))
+                       blend_mask_reference(view, weights, 0.3, (32, 32)))
     # float64 maps: auto falls back to the reference; the op itself takes float32 only
     maps64 = maps.double()
-    assert torch.equal(ops.blend_mask(maps64, weights, 0.3, (32, 32)), control.blend_mask(maps64, weights, 0.3, (32, 32)))
+    assert torch.equal(ops.blend_mask(maps64, weights, 0.3, (32, 32)), blend_mask_reference(maps64, weights, 0.3, (32, 32)))
     with pytest.raises(ValueError, match="float32"):
         ops.blend_mask(maps64, weights, 0.3, (32, 32), backend="cpu")
     with pytest.raises(ValueError, match="cuda"):
@@ -162,11 +164,11 @@ def test_unaveraged_maps_are_averaged_over_layers_and_heads_first():
     per_head = torch.softmax(3 * torch.randn(layers, frames, heads, 16 * 16, 77, generator=gen), dim=-1)
     weights = selection(gen, 3)
     averaged = per_head.mean(dim=(0, 2)).reshape(frames, 16, 16, 77)
-    ref = control.blend_mask(averaged, weights, 0.3, (64, 64))
+    ref = blend_mask_reference(averaged, weights, 0.3, (64, 64))
     for backend in ("auto", "cpu", "reference"):
         assert torch.equal(ops.blend_mask(per_head, weights, 0.3, (64, 64), backend=backend), ref)
     wide = torch.rand(layers, frames, heads, 14 * 24, 77, generator=gen)
-    ref = control.blend_mask(wide.mean(dim=(0, 2)).reshape(frames, 14, 24, 77), weights, 0.3, (27, 48))
+    ref = blend_mask_reference(wide.mean(dim=(0, 2)).reshape(frames, 14, 24, 77), weights, 0.3, (27, 48))
     assert torch.equal(ops.blend_mask(wide, weights, 0.3, (27, 48), map_size=(14, 24)), ref)
     with pytest.raises(ValueError, match="square"):
         ops.blend_mask(wide, weights, 0.3, (27, 48))
@@ -183,17 +185,17 @@ def test_edit_plan_masks_go_through_the_op(monkeypatch):
     calls = []
     real = mask_backend.blend_mask
     monkeypatch.setattr(mask_backend, "blend_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
-    self_mask = plan.self_blend_mask(src, (8, 8))
-    latent_mask = plan.latent_blend_mask(4, src, edit, (8, 8))
+    self_mask = masks.self_blend_mask(plan, src, (8, 8))
+    latent_mask = masks.latent_blend_mask(plan, 4, src, edit, (8, 8))
     assert len(calls) == 2 + 4
     th = plan.blend_th
-    ref_self = control.blend_mask(src, plan.blend_source_weights, th[0], (8, 8)) & \
-        ~control.blend_mask(src, plan.subtract_source_weights, th[1], (8, 8), False)
+    ref_self = blend_mask_reference(src, plan.blend_source_weights, th[0], (8, 8)) & \
+        ~blend_mask_reference(src, plan.subtract_source_weights, th[1], (8, 8), False)
     assert torch.equal(self_mask, ref_self.flatten(1).float())
-    ref_latent = (control.blend_mask(src, plan.blend_source_weights, th[0], (8, 8)) |
-                  control.blend_mask(edit, plan.blend_target_weights, th[0], (8, 8))) & \
-        ~(control.blend_mask(src, plan.subtract_source_weights, th[1], (8, 8), False) |
-          control.blend_mask(edit, plan.subtract_target_weights, th[1], (8, 8), False))
+    ref_latent = (blend_mask_reference(src, plan.blend_source_weights, th[0], (8, 8)) |
+                  blend_mask_reference(edit, plan.blend_target_weights, th[0], (8, 8))) & \
+        ~(blend_mask_reference(src, plan.subtract_source_weights, th[1], (8, 8), False) |
+          blend_mask_reference(edit, plan.subtract_target_weights, th[1], (8, 8), False))
     assert torch.equal(latent_mask, ref_latent)
 
 
@@ -216,7 +218,7 @@ class TestCuda:
             maps = random_maps(gen, FRAMES, *map_size, ("uniform", "softmax")[seed % 2])
             weights = selection(gen, count)
             for th in THRESHOLDS:
-                ref = control.blend_mask(maps, weights, th, out_size, use_pool)
+                ref = blend_mask_reference(maps, weights, th, out_size, use_pool)
                 got = op_mask(maps.cuda(), weights.cuda(), th, out_size, use_pool)
                 assert got.is_cuda and torch.equal(got.cpu(), ref), (seed, count, out_size, th)
 
@@ -227,7 +229,7 @@ class TestCuda:
             maps = random_maps(gen, FRAMES, *map_size, "softmax", device="cuda")
             weights = selection(gen, count, device="cuda")
             for th in THRESHOLDS:
-                ref = control.blend_mask(maps, weights, th, out_size, use_pool)
+                ref = blend_mask_reference(maps, weights, th, out_size, use_pool)
                 assert torch.equal(ops.blend_mask(maps, weights, th, out_size, use_pool), ref)
 
     @pytest.mark.parametrize("weights_kind", ["three", "dense"])
@@ -246,6 +248,6 @@ class TestCuda:
         maps[1] = 0
         out = ops.blend_mask(maps, weights, 0.3, (64, 64), backend="cuda")
         assert out.is_cuda and out.dtype == torch.bool and not out[1].any() and out[0].any()
-        assert torch.equal(out, control.blend_mask(maps, weights, 0.3, (64, 64)))
+        assert torch.equal(out, blend_mask_reference(maps, weights, 0.3, (64, 64)))
         with pytest.raises(ValueError, match="cpu"):
             ops.blend_mask(maps, weights, 0.3, (64, 64), backend="cpu")

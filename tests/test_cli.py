@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from fatezero_fast import __version__
-from fatezero_fast.cli import main
+from fatezero_fast.io.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "a red car driving down a road"
@@ -138,7 +138,7 @@ def one_torch_thread():
 def no_model_work(monkeypatch):
     """Fail the test if a model is built or a clip inverted: bad input must be caught before."""
     from fatezero_fast import models
-    from fatezero_fast.pipeline import FateZeroPipeline
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model work started before the bad input was reported")
@@ -453,7 +453,7 @@ def test_invert_bad_input(capsys, clip_dir, tmp_path, no_model_work, case):
 def test_bad_edit_options_fail_before_inverting(capsys, clip_dir, tmp_path, monkeypatch):
     """Options only checked with the tokenizer (here a schedule outside [0, 1]) fail before the
     inversion and before an --overwrite output is replaced."""
-    from fatezero_fast.pipeline import FateZeroPipeline
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
 
     def forbidden(*args, **kwargs):
         raise AssertionError("inverted before the bad options were reported")

@@ -213,12 +213,14 @@ def _layers(mode: str, out_path: str, src: str) -> None:
     torch.set_num_threads(1)
     from diffusers import DDIMScheduler
     from video_diffusion.models.unet_3d_condition import UNetPseudo3DConditionModel
-    from video_diffusion.pipelines.p2p_ddim_spatial_temporal import P2pDDIMSpatioTemporalPipeline
+    from video_diffusion.pipelines.p2p_ddim_spatial_temporal import (
+        P2pDDIMSpatioTemporalPipeline,
+    )
     from video_diffusion.prompt_attention import attention_util as au
 
     from fatezero_fast.compat import fatezero
     from fatezero_fast.models import SCHEDULER_CONFIG
-    from fatezero_fast.tokenizer import clip_tokenizer
+    from fatezero_fast.models.tokenizer import clip_tokenizer
 
     exact = mode == "fp64"
     dtype = torch.float64 if exact else torch.float32

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from fatezero_fast import control
-from fatezero_fast.control import EditOptions, EditPlan, FateZeroWarning
-from fatezero_fast.errors import InputError
-from fatezero_fast.tokenizer import VOCAB_SIZE, clip_tokenizer
+from fatezero_fast.errors import FateZeroWarning, InputError
+from fatezero_fast.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+from fatezero_fast.ops.reference import blend_mask_reference
+from fatezero_fast.semantics import masks, schedules, tokens
+from fatezero_fast.semantics.plan import EditOptions, EditPlan
 
 JEEP = "a silver jeep driving down a curvy road in the countryside,"
 
@@ -23,49 +24,49 @@ def test_tokenizer_is_clip(tok):
 
 
 def test_word_token_indices(tok):
-    assert control.word_token_indices(JEEP, "jeep", tok) == [3]
-    assert control.word_token_indices(JEEP, "a", tok) == [1, 6]
+    assert tokens.word_token_indices(JEEP, "jeep", tok) == [3]
+    assert tokens.word_token_indices(JEEP, "a", tok) == [1, 6]
     # "countryside," is one space-separated word covering two tokens
-    assert control.word_token_indices(JEEP, "countryside,", tok) == [11, 12]
-    assert control.word_token_indices(JEEP, "countryside", tok) == []
-    assert control.word_token_indices(JEEP, 2, tok) == [3]
-    assert control.word_token_indices(JEEP, "car", tok) == []
+    assert tokens.word_token_indices(JEEP, "countryside,", tok) == [11, 12]
+    assert tokens.word_token_indices(JEEP, "countryside", tok) == []
+    assert tokens.word_token_indices(JEEP, 2, tok) == [3]
+    assert tokens.word_token_indices(JEEP, "car", tok) == []
 
 
 def test_cross_replace_alpha_float_pair_and_words(tok):
-    alpha = control.cross_replace_alpha("a silver jeep", 10, 0.8, tok)
+    alpha = schedules.cross_replace_alpha("a silver jeep", 10, 0.8, tok)
     assert alpha.shape == (11, 77)
     assert alpha[:8].eq(1).all() and alpha[8:].eq(0).all()  # int(0.8 * 11) = 8 rows
-    alpha = control.cross_replace_alpha("a silver jeep", 10, {"default_": (0.2, 0.6), "jeep": 1.0}, tok)
+    alpha = schedules.cross_replace_alpha("a silver jeep", 10, {"default_": (0.2, 0.6), "jeep": 1.0}, tok)
     others = torch.ones(77, dtype=torch.bool)
     others[3] = False
     assert alpha[2:6][:, others].eq(1).all() and alpha[:2][:, others].eq(0).all() and alpha[6:][:, others].eq(0).all()
     assert alpha[:, 3].eq(1).all()
-    alpha = control.cross_replace_alpha("a silver jeep", 10, {"jeep": 0.5}, tok)  # default_ = (0, 1)
+    alpha = schedules.cross_replace_alpha("a silver jeep", 10, {"jeep": 0.5}, tok)  # default_ = (0, 1)
     assert alpha[:, 0].eq(1).all() and alpha[:5, 3].eq(1).all() and alpha[5:, 3].eq(0).all()
 
 
 def test_cross_replace_alpha_rejects_bad_bounds(tok):
     with pytest.raises(InputError):
-        control.cross_replace_alpha("a", 10, 1.5, tok)
+        schedules.cross_replace_alpha("a", 10, 1.5, tok)
     with pytest.raises(InputError):
-        control.cross_replace_alpha("a", 10, (0.6, 0.2), tok)
+        schedules.cross_replace_alpha("a", 10, (0.6, 0.2), tok)
 
 
 def test_self_replace_window():
-    assert control.self_replace_window(10, 0.75) == (0, 7)
-    assert control.self_replace_window(50, (0.2, 0.5)) == (10, 25)
-    assert control.self_replace_window(10, 1.0) == (0, 10)
+    assert schedules.self_replace_window(10, 0.75) == (0, 7)
+    assert schedules.self_replace_window(50, (0.2, 0.5)) == (10, 25)
+    assert schedules.self_replace_window(10, 1.0) == (0, 10)
 
 
 def test_replacement_mapper_same_token_counts(tok):
-    m = control.replacement_mapper("a silver jeep", "a red jeep", tok)
+    m = tokens.replacement_mapper("a silver jeep", "a red jeep", tok)
     assert torch.equal(m, torch.eye(77))
 
 
 def test_replacement_mapper_split_word_and_trailing_quirk(tok):
     # "countryside," (2 tokens: 4, 5) -> "town" (1 token: 4)
-    m = control.replacement_mapper("a car in countryside,", "a car in town", tok)
+    m = tokens.replacement_mapper("a car in countryside,", "a car in town", tok)
     expected = torch.zeros(77, 77)
     for i in range(4):
         expected[i, i] = 1
@@ -78,13 +79,13 @@ def test_replacement_mapper_split_word_and_trailing_quirk(tok):
 
 def test_replacement_mapper_one_to_two_tokens(tok):
     # "town" (1 token) -> "countryside," (2 tokens): each target token gets 1/2
-    m = control.replacement_mapper("a car in town", "a car in countryside,", tok)
+    m = tokens.replacement_mapper("a car in town", "a car in countryside,", tok)
     assert m[4, 4] == 0.5 and m[4, 5] == 0.5
     assert m[5, 6] == 0 and m[6, 6] == 1  # j runs one ahead of i after the swap
 
 
 def test_refinement_mapper_insertion(tok):
-    mapper, alphas = control.refinement_mapper("a silver jeep", "watercolor painting of a silver jeep", tok)
+    mapper, alphas = tokens.refinement_mapper("a silver jeep", "watercolor painting of a silver jeep", tok)
     assert mapper[:8].tolist() == [0, -1, -1, -1, 1, 2, 3, 4]
     assert alphas[:8].tolist() == [1, 0, 0, 0, 1, 1, 1, 1]
     assert mapper[8:].tolist() == list(range(8, 77)) and alphas[8:].eq(1).all()
@@ -98,7 +99,7 @@ def test_blend_mask_pool_resize_normalise_threshold():
     maps[1, 2, 2, 9] = 100.0        # a token that is not a blend word
     weights = torch.zeros(77)
     weights[5] = 1
-    mask = control.blend_mask(maps, weights, 0.3, (8, 8))
+    mask = blend_mask_reference(maps, weights, 0.3, (8, 8))
     assert mask.shape == (2, 8, 8) and mask.dtype == torch.bool
     expected0 = torch.zeros(4, 4, dtype=torch.bool)
     expected0[0:3, 0:3] = True      # 3x3 max-pool around (1, 1)
@@ -106,10 +107,10 @@ def test_blend_mask_pool_resize_normalise_threshold():
     expected1[0:2, 0:2] = True
     up = lambda m: m.repeat_interleave(2, 0).repeat_interleave(2, 1)  # nearest x2
     assert torch.equal(mask[0], up(expected0)) and torch.equal(mask[1], up(expected1))
-    no_pool = control.blend_mask(maps, weights, 0.3, (4, 4), use_pool=False)
+    no_pool = blend_mask_reference(maps, weights, 0.3, (4, 4), use_pool=False)
     assert no_pool[0].sum() == 1 and no_pool[0, 1, 1]
     # threshold 2 (the configs' [2, 2]) gives an all-zero mask: full source
-    assert not control.blend_mask(maps, weights, 2.0, (4, 4)).any()
+    assert not blend_mask_reference(maps, weights, 2.0, (4, 4)).any()
 
 
 def test_fuse_cross_refine_with_equalizer(tok):
@@ -117,7 +118,7 @@ def test_fuse_cross_refine_with_equalizer(tok):
     plan = EditPlan.build(EditOptions(cross_replace_steps=0.5, eq_params={"words": ["watercolor"], "values": [10]}),
                           src, tgt, 4, tok)
     p_src, p_edit = torch.rand(2, 3, 6, 77), torch.rand(2, 3, 6, 77)
-    mapper, alphas = control.refinement_mapper(src, tgt, tok)
+    mapper, alphas = tokens.refinement_mapper(src, tgt, tok)
     base = p_src[..., mapper] * alphas + p_edit * (1 - alphas)
     eq = torch.ones(77)
     eq[1] = 10
@@ -152,7 +153,7 @@ def test_absent_blend_and_eq_words_warn_and_count_for_nothing(tok):
 
 def test_self_blend_mask_only_with_blend_words(tok):
     plan = EditPlan.build(EditOptions(blend_self_attention=True, blend_th=(2, 2)), "a jeep", "a car", 4, tok)
-    assert plan.self_blend_mask(torch.rand(2, 4, 4, 77), (4, 4)) is None  # no words: full source
+    assert masks.self_blend_mask(plan, torch.rand(2, 4, 4, 77), (4, 4)) is None  # no words: full source
 
 
 def test_latent_blend_window_and_union(tok):
@@ -161,13 +162,13 @@ def test_latent_blend_window_and_union(tok):
     src_maps, edit_maps = torch.zeros(1, 2, 2, 77), torch.zeros(1, 2, 2, 77)
     src_maps[0, 0, 0, 2] = 1   # source word 'jeep' at the top-left
     edit_maps[0, 1, 1, 2] = 1  # target word 'car' at the bottom-right
-    assert plan.latent_blend_mask(0, src_maps, edit_maps, (2, 2)) is None   # step 1 <= int(0.2*10)
-    assert plan.latent_blend_mask(7, src_maps, edit_maps, (2, 2)) is None   # step 8 >= int(0.8*10)
-    mask = plan.latent_blend_mask(3, src_maps, edit_maps, (2, 2))
+    assert masks.latent_blend_mask(plan, 0, src_maps, edit_maps, (2, 2)) is None   # step 1 <= int(0.2*10)
+    assert masks.latent_blend_mask(plan, 7, src_maps, edit_maps, (2, 2)) is None   # step 8 >= int(0.8*10)
+    mask = masks.latent_blend_mask(plan, 3, src_maps, edit_maps, (2, 2))
     assert mask.all()  # 3x3 pooling spreads each 2x2 cell everywhere; the union covers both
     x, x_src = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
     mask = torch.tensor([[[True, False], [False, False]]])
-    out = control.blend_latents(x, x_src, mask)
+    out = masks.blend_latents(x, x_src, mask)
     assert out[0, :, 0, 0].eq(1).all() and out[0, :, 1, 1].eq(0).all()
 
 

@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 
-from fatezero_fast.controller import FateZeroController
+from fatezero_fast.edit.controller import FateZeroController
+from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.errors import InputError
 from fatezero_fast.models import random_components
-from fatezero_fast.pipeline import FateZeroPipeline
-from fatezero_fast.processors import VideoAttentionConfig
-from fatezero_fast.reference import ddim_inversion_step
+from fatezero_fast.semantics.ddim import ddim_inversion_step
+from fatezero_fast.unet.processors import VideoAttentionConfig
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 FRAMES, STEPS, GUIDANCE = 3, 4, 7.5

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from fatezero_fast import chunking
+from fatezero_fast.edit.inversion import Inversion
+from fatezero_fast.edit.steps import DiskSteps
 from fatezero_fast.errors import InputError
-from fatezero_fast.latents import DiskSteps
 from fatezero_fast.models import CONFIGS
-from fatezero_fast.pipeline import Inversion
+from fatezero_fast.unet import chunk_size as chunking
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 STEPS = 3

@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from fatezero_fast import control
-from fatezero_fast.tokenizer import clip_tokenizer
+from fatezero_fast.models.tokenizer import clip_tokenizer
+from fatezero_fast.semantics import masks, schedules, tokens
+from fatezero_fast.semantics.plan import EditOptions, EditPlan
 
 SRC = os.environ.get("FATEZERO_SRC")
 pytestmark = pytest.mark.skipif(not SRC, reason="set FATEZERO_SRC to an official FateZero checkout")
@@ -73,19 +74,19 @@ def test_mappers_word_indices_and_schedules(official, tok):
     assert len(pairs) > 20
     for source, target, entry in pairs:
         m, a = official.seq_aligner.get_refinement_mapper([source, target], tok)
-        ours_m, ours_a = control.refinement_mapper(source, target, tok)
+        ours_m, ours_a = tokens.refinement_mapper(source, target, tok)
         assert torch.equal(m[0], ours_m) and torch.equal(a[0], ours_a), (source, target)
         if len(source.split(" ")) == len(target.split(" ")):
             assert torch.equal(official.seq_aligner.get_replacement_mapper([source, target], tok)[0],
-                               control.replacement_mapper(source, target, tok)), (source, target)
+                               tokens.replacement_mapper(source, target, tok)), (source, target)
         for word in set(target.split(" ")):
             assert list(official.ptp_utils.get_word_inds(target, word, tok)) == \
-                control.word_token_indices(target, word, tok)
+                tokens.word_token_indices(target, word, tok)
         steps = entry.get("cross_replace_steps", 0.8)
         for num in (10, 50):
             theirs = official.ptp_utils.get_time_words_attention_alpha(
                 [source, target], num, dict(steps) if isinstance(steps, dict) else steps, tok)
-            assert torch.equal(theirs.reshape(num + 1, 77), control.cross_replace_alpha(target, num, steps, tok))
+            assert torch.equal(theirs.reshape(num + 1, 77), schedules.cross_replace_alpha(target, num, steps, tok))
 
 
 CASES = [
@@ -105,7 +106,7 @@ def test_cross_attention_fusion(official, tok, source, target, replace, eq, step
     num = 10
     theirs = official.attention_util.make_controller(tok, [source, target], replace, steps, 0.5,
                                                      equilizer_params=eq, NUM_DDIM_STEPS=num)
-    plan = control.EditPlan.build(control.EditOptions(cross_replace_steps=steps, is_replace_controller=replace,
+    plan = EditPlan.build(EditOptions(cross_replace_steps=steps, is_replace_controller=replace,
                                                       eq_params=eq), source, target, num, tok)
     for step in range(num):
         base = torch.softmax(torch.randn(2, 3, 16, 77), -1)
@@ -128,9 +129,9 @@ def test_blend_masks(official, tok, th):
                                                   NUM_DDIM_STEPS=10, prompt_choose="source", start_blend=0.0,
                                                   end_blend=2)
     theirs = blend(attention_store={"down_cross": maps[:2] * 2, "up_cross": maps[2:]}, target_h=32, target_w=32)
-    plan = control.EditPlan.build(control.EditOptions(blend_words=words, blend_self_attention=True,
+    plan = EditPlan.build(EditOptions(blend_words=words, blend_self_attention=True,
                                                       blend_latents=True, blend_th=(th, th)), source, target, 10, tok)
-    assert torch.equal(theirs[0], plan.self_blend_mask(mean_maps(maps), (32, 32)).view(frames, 32, 32))
+    assert torch.equal(theirs[0], masks.self_blend_mask(plan, mean_maps(maps), (32, 32)).view(frames, 32, 32))
 
     latent_blend = official.spatial_blend.SpatialBlender([source, target], words, tokenizer=tok, th=(th, th),
                                                          NUM_DDIM_STEPS=10, prompt_choose="both")
@@ -139,6 +140,6 @@ def test_blend_masks(official, tok, th):
     x_src, x = torch.randn(1, 4, frames, 8, 8), torch.randn(1, 4, frames, 8, 8)
     theirs = latent_blend(attention_store={"down_cross": both[:2] * 2, "up_cross": both[2:]},
                           x_t=torch.cat([x_src, x]))[1]
-    mask = plan.latent_blend_mask(3, mean_maps(maps), mean_maps(edit_maps), (8, 8))
-    ours = control.blend_latents(x[0].transpose(0, 1), x_src[0].transpose(0, 1), mask).transpose(0, 1)
+    mask = masks.latent_blend_mask(plan, 3, mean_maps(maps), mean_maps(edit_maps), (8, 8))
+    ours = masks.blend_latents(x[0].transpose(0, 1), x_src[0].transpose(0, 1), mask).transpose(0, 1)
     assert torch.equal(theirs, ours)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fatezero_fast import ops
-from fatezero_fast.backends import cpu as cpu_backend
-from fatezero_fast.reference import blended_attention_reference, gather_frames, resolve_frame_index
+from fatezero_fast.ops.backends import cpu as cpu_backend
+from fatezero_fast.ops.reference import blended_attention_reference, gather_frames
+from fatezero_fast.semantics.frames import resolve_frame_index
 
 if not cpu_backend.available():
     pytest.skip(f"fatezero_fast._C is not built ({cpu_backend.load_error()}): "

@@ -16,8 +16,10 @@ import zlib
 import pytest
 import torch
 
-from fatezero_fast import ops, reference
-from fatezero_fast.backends import cuda as cuda_backend
+from fatezero_fast import ops
+from fatezero_fast.ops import reference
+from fatezero_fast.ops.backends import cuda as cuda_backend
+from fatezero_fast.semantics.frames import resolve_frame_index
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 INDEX_LISTS = (["mid"], [-1, "first"], [-2, -1, "last"])  # R = 1, 2, 3 (clipping, duplicates)
@@ -124,7 +126,7 @@ def _run_case(d, dtype, source_spec, mask_kind, index_list, *, b=3, h=2, nq=37, 
     q = (1.5 * torch.randn(b, h, nq, d, generator=gen, device=dev)).to(dtype)
     k = torch.randn(b, h, nk, d, generator=gen, device=dev).to(dtype)
     v = torch.randn(b, h, nk, d, generator=gen, device=dev).to(dtype)
-    kv_frames = reference.resolve_frame_index(index_list, b).to(dev)
+    kv_frames = resolve_frame_index(index_list, b).to(dev)
     n_ref = kv_frames.shape[1]
     source, src64 = _make_source(form, pdtype, with_scale, b, h, nq, nk, d, n_ref, dtype, gen, dev)
     mask = None if form is None else _make_mask(mask_kind, b, nq, gen, dev)
@@ -230,7 +232,7 @@ def test_uniform_blocks_skip_the_unused_stream():
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(7)
     b, h, nq, nk, d = 2, 2, 130, 70, 40
-    kv_frames = reference.resolve_frame_index([-1, "first"], b).to(dev)
+    kv_frames = resolve_frame_index([-1, "first"], b).to(dev)
     q = torch.randn(b, h, nq, d, generator=gen, device=dev).half()
     k = torch.randn(b, h, nk, d, generator=gen, device=dev).half()
     v = torch.randn(b, h, nk, d, generator=gen, device=dev).half()
@@ -270,7 +272,7 @@ def test_strided_inputs_bool_mask_and_strided_out():
     kv = torch.randn(b, nk, 2, h, d, generator=gen, device=dev).half()
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     assert not q.is_contiguous() and not k.is_contiguous()
-    kv_frames = reference.resolve_frame_index(["first", -1], b).to(dev)
+    kv_frames = resolve_frame_index(["first", -1], b).to(dev)
     p = torch.softmax(torch.randn(b, h, nq, 2 * nk, generator=gen, device=dev), -1)
     p_t = p.transpose(-1, -2).contiguous().transpose(-1, -2)
     mask = torch.rand(b, nq, generator=gen, device=dev) > 0.5
@@ -339,7 +341,7 @@ def test_sd14_shapes(form, nq, d, dtype):
     q = (1.5 * torch.randn(b, h, nq, d, generator=gen, device=dev)).to(dtype)
     k = torch.randn(b, h, nq, d, generator=gen, device=dev).to(dtype)
     v = torch.randn(b, h, nq, d, generator=gen, device=dev).to(dtype)
-    kv_frames = reference.resolve_frame_index(index_list, b).to(dev)
+    kv_frames = resolve_frame_index(index_list, b).to(dev)
     spec = {"plain": (None, None, False), "qk": ("qk", None, False), "probs": ("probs", dtype, False),
             "probs8": ("probs", torch.float8_e4m3fn, True)}[form]
     source, src64 = _make_source(*spec, b, h, nq, nq, d, kv_frames.shape[1], dtype, gen, dev)

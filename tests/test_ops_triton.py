@@ -16,8 +16,8 @@ if not torch.cuda.is_available():  # must precede the first import of the Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
-import zlib  # noqa: E402
 import sys  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,8 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytest.importorskip("triton")
 
-from fatezero_fast import ops, reference  # noqa: E402
-from fatezero_fast.backends import triton as triton_backend  # noqa: E402
+from fatezero_fast import ops  # noqa: E402
+from fatezero_fast.ops import reference  # noqa: E402
+from fatezero_fast.ops.backends import triton as triton_backend  # noqa: E402
+from fatezero_fast.semantics.frames import resolve_frame_index  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -97,7 +99,7 @@ def _run_case(d, dtype, form, mask_kind, index_list, *, probs_dtype=None, b=3, h
     q = torch.randn(b, h, nq, d, generator=gen).to(DEVICE, dtype)
     k = torch.randn(b, h, nk, d, generator=gen).to(DEVICE, dtype)
     v = torch.randn(b, h, nk, d, generator=gen).to(DEVICE, dtype)
-    kv_frames = reference.resolve_frame_index(index_list, b).to(DEVICE)
+    kv_frames = resolve_frame_index(index_list, b).to(DEVICE)
     n_ref = kv_frames.shape[1]
     source, source64 = _make_source(form, b, h, nq, nk, d, n_ref, dtype, gen, probs_dtype, rank=rank)
     mask = _make_mask(mask_kind, b, nq, gen)
@@ -177,7 +179,7 @@ def test_uniform_blocks_skip_the_unused_stream():
     _require_backend()
     gen = torch.Generator().manual_seed(7)
     b, h, nq, nk, d = 2, 1, 32, 20, 40
-    kv_frames = reference.resolve_frame_index([-1, "first"], b).to(DEVICE)
+    kv_frames = resolve_frame_index([-1, "first"], b).to(DEVICE)
     q = torch.randn(b, h, nq, d, generator=gen).to(DEVICE)
     k = torch.randn(b, h, nk, d, generator=gen).to(DEVICE)
     v = torch.randn(b, h, nk, d, generator=gen).to(DEVICE)
@@ -218,7 +220,7 @@ def test_strided_inputs_and_allocated_output():
     kv = torch.randn(b, nk, 2, h, d, generator=gen).to(DEVICE)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     assert not q.is_contiguous() and not k.is_contiguous()
-    kv_frames = reference.resolve_frame_index(["first", -1], b).to(DEVICE)
+    kv_frames = resolve_frame_index(["first", -1], b).to(DEVICE)
     source, source64 = _make_source("probs", b, h, nq, nk, d, 2, torch.float32, gen, torch.float32)
     p_t = source[1].transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major map
     mask = torch.rand(b, nq, generator=gen).to(DEVICE) > 0.5
@@ -248,7 +250,7 @@ def test_available():
 
 
 def test_pick_config_gpu_tiles():
-    from fatezero_fast.backends.triton import _load_kernels
+    from fatezero_fast.ops.backends.triton import _load_kernels
     kernels = _load_kernels()
     for d in (8, 40, 64, 80, 128, 160, 256):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -319,7 +321,7 @@ class TestGPU:
         q = torch.randn(b, h, nq, d, device=dev, dtype=dtype)
         k = torch.randn(b, h, nq, d, device=dev, dtype=dtype)
         v = torch.randn(b, h, nq, d, device=dev, dtype=dtype)
-        kv_frames = reference.resolve_frame_index([-1, "first", "last"] if form == "probs8" else [-1, "first"],
+        kv_frames = resolve_frame_index([-1, "first", "last"] if form == "probs8" else [-1, "first"],
                                                   b).to(dev)
         n_ref = kv_frames.shape[1]
         source = None
@@ -360,8 +362,8 @@ def test_pipeline_end_to_end_equals_the_reference_backend():
     real tensors: chunks of 2 of 3 frames (anchor K/V gathered across chunks) and, with a blend
     threshold of 1, the recompute store's source Q/K replacing the controlled self-attention at
     step 0. Against the materialized reference backend, from the same inversion."""
-    from fatezero_fast.pipeline import FateZeroPipeline
-    from fatezero_fast.processors import VideoAttentionConfig
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
+    from fatezero_fast.unet.processors import VideoAttentionConfig
 
     _require_backend()
     pipe = FateZeroPipeline.tiny_random(seed=0, device=DEVICE, dtype="fp32",

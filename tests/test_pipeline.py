@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from fatezero_fast.edit.inversion import Inversion
+from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.errors import InputError
-from fatezero_fast.pipeline import FateZeroPipeline, Inversion
 
 SOURCE = "a red car driving down a road"
 STEPS = 3

@@ -3,16 +3,20 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from fatezero_fast.control import EditOptions, EditPlan
-from fatezero_fast.groupnorm import ClipGroupNorm
 from fatezero_fast.models import random_components
-from fatezero_fast.processors import (FateZeroCrossAttnProcessor, FateZeroState, SpatioTemporalAttnProcessor,
-                                      VideoAttentionConfig, install)
-from fatezero_fast.reference import resolve_frame_index
-from fatezero_fast.tokenizer import clip_tokenizer
+from fatezero_fast.models.tokenizer import clip_tokenizer
+from fatezero_fast.semantics.frames import resolve_frame_index
+from fatezero_fast.semantics.plan import EditOptions, EditPlan
+from fatezero_fast.unet.groupnorm import ClipGroupNorm
+from fatezero_fast.unet.processors import (
+    FateZeroCrossAttnProcessor,
+    FateZeroState,
+    SpatioTemporalAttnProcessor,
+    VideoAttentionConfig,
+    install,
+)
 
 FRAMES = 3
 

@@ -2,23 +2,25 @@
 import pytest
 import torch
 
-from fatezero_fast import reference
 from fatezero_fast.errors import InputError
+from fatezero_fast.ops import reference
+from fatezero_fast.semantics.ddim import ddim_inversion_step
+from fatezero_fast.semantics.frames import resolve_frame_index
 
 
 def test_resolve_frame_index_entries():
-    idx = reference.resolve_frame_index([-1, "first"], 4)
+    idx = resolve_frame_index([-1, "first"], 4)
     assert idx.tolist() == [[0, 0], [0, 0], [1, 0], [2, 0]]
-    assert reference.resolve_frame_index(["mid"], 4).tolist() == [[1]] * 4
-    assert reference.resolve_frame_index(["middle", "last"], 5).tolist() == [[2, 4]] * 5
-    assert reference.resolve_frame_index([2, -2], 4).tolist() == [[2, 0], [3, 0], [3, 0], [3, 1]]
-    assert reference.resolve_frame_index([], 3).tolist() == [[0], [1], [2]]  # plain per-frame
+    assert resolve_frame_index(["mid"], 4).tolist() == [[1]] * 4
+    assert resolve_frame_index(["middle", "last"], 5).tolist() == [[2, 4]] * 5
+    assert resolve_frame_index([2, -2], 4).tolist() == [[2, 0], [3, 0], [3, 0], [3, 1]]
+    assert resolve_frame_index([], 3).tolist() == [[0], [1], [2]]  # plain per-frame
 
 
 @pytest.mark.parametrize("entry", ["centre", 1.5, None, True])
 def test_resolve_frame_index_rejects_unknown(entry):
     with pytest.raises(InputError, match="index entry"):
-        reference.resolve_frame_index([entry], 4)
+        resolve_frame_index([entry], 4)
 
 
 def test_gather_frames_concatenates_in_order():
@@ -71,11 +73,11 @@ def test_source_forms_agree():
 def test_ddim_inversion_step_formula():
     alphas = torch.linspace(0.99, 0.01, 1000)
     z, eps = torch.randn(4), torch.randn(4)
-    out = reference.ddim_inversion_step(eps, 21, z, alphas, torch.tensor(0.5), 1000, 50)
+    out = ddim_inversion_step(eps, 21, z, alphas, torch.tensor(0.5), 1000, 50)
     a_cur, a_next = alphas[1], alphas[21]  # t - 1000/50 = 1
     expected = a_next.sqrt() * (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt() + (1 - a_next).sqrt() * eps
     torch.testing.assert_close(out, expected)
-    first = reference.ddim_inversion_step(eps, 1, z, alphas, torch.tensor(0.5), 1000, 50)  # 1 - 20 < 0
+    first = ddim_inversion_step(eps, 1, z, alphas, torch.tensor(0.5), 1000, 50)  # 1 - 20 < 0
     a_cur = torch.tensor(0.5)
     expected = alphas[1].sqrt() * (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt() + (1 - alphas[1]).sqrt() * eps
     torch.testing.assert_close(first, expected)

@@ -9,11 +9,12 @@ left. Float64 runs compare against the qk store, which never has a source branch
 import pytest
 import torch
 
+from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
-from fatezero_fast.pipeline import FateZeroPipeline
-from fatezero_fast.processors import FateZeroState, VideoAttentionConfig
-from fatezero_fast.source_branch import source_exit_block, up_block_tokens
-from fatezero_fast.streaming import _Clip
+from fatezero_fast.unet.levels import up_block_tokens
+from fatezero_fast.unet.processors import FateZeroState, VideoAttentionConfig
+from fatezero_fast.unet.source_exit import source_exit_block
+from fatezero_fast.unet.streaming import _Clip
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 FRAMES, STEPS = 3, 4

@@ -4,7 +4,12 @@ import torch
 
 from fatezero_fast.errors import InputError
 from fatezero_fast.models import CONFIGS
-from fatezero_fast.store import FORMS, estimate_store_bytes, make_store, official_store_bytes
+from fatezero_fast.stores import (
+    FORMS,
+    estimate_store_bytes,
+    make_store,
+    official_store_bytes,
+)
 
 STEPS = 3
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
@@ -94,8 +99,8 @@ def test_lowrank_error_budget_is_respected(tiny_pipeline, latents, chunk_size):
 def test_qk_keeps_keys_of_attended_frames_only(latents):
     """['mid']: every query frame attends to frame 1 of 3, so K of one frame is kept per layer and
     step (not 3); the estimate counts that, and edits equal the full maps' and recompute's."""
-    from fatezero_fast.pipeline import FateZeroPipeline
-    from fatezero_fast.processors import VideoAttentionConfig
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
+    from fatezero_fast.unet.processors import VideoAttentionConfig
 
     pipe = FateZeroPipeline.tiny_random(seed=0, device="cpu",
                                         attention=VideoAttentionConfig(sparse_causal_index=["mid"]))
@@ -166,8 +171,8 @@ def test_bad_store_settings(kwargs):
 def test_recompute_equals_stored_source_in_float64():
     """In float64 the fp32 noise is gone: re-evaluating the source branch beside the edit is the
     stored-inversion computation itself, with a mixed self-attention blend mask and latent blend."""
-    from fatezero_fast.pipeline import FateZeroPipeline
-    from fatezero_fast.processors import VideoAttentionConfig
+    from fatezero_fast.edit.pipeline import FateZeroPipeline
+    from fatezero_fast.unet.processors import VideoAttentionConfig
 
     pipe = FateZeroPipeline.tiny_random(seed=0, device="cpu", dtype=torch.float64,
                                         attention=VideoAttentionConfig(backend="reference"))

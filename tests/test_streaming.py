@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.errors import InputError
-from fatezero_fast.groupnorm import ClipGroupNorm
+from fatezero_fast.io.video import make_sample_clip
 from fatezero_fast.models import random_components
-from fatezero_fast.pipeline import FateZeroPipeline
-from fatezero_fast.processors import VideoAttentionConfig, install
-from fatezero_fast.store import make_store
-from fatezero_fast.streaming import _Clip, _Runner, streaming_unet
-from fatezero_fast.video import make_sample_clip
+from fatezero_fast.stores import make_store
+from fatezero_fast.unet.groupnorm import ClipGroupNorm
+from fatezero_fast.unet.processors import VideoAttentionConfig, install
+from fatezero_fast.unet.streaming import _Clip, _Runner, streaming_unet
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 FRAMES, LATENT = 5, (8, 5)

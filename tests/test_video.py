@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from fatezero_fast.errors import InputError
-from fatezero_fast.video import (
+from fatezero_fast.io.video import (
     check_writable,
     load_video,
     make_sample_clip,

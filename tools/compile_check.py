@@ -45,7 +45,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fatezero_fast.backends.triton import _load_kernels  # noqa: E402
+from fatezero_fast.ops.backends.triton import _load_kernels  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Triton's pointer type names of the tensors a launch passes.

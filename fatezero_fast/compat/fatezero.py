@@ -44,8 +44,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import InputError
-from ..reference import resolve_frame_index, source_probs
-from ..store import FORMS, make_store
+from ..ops.reference import source_probs
+from ..semantics.frames import resolve_frame_index
+from ..stores import FORMS, make_store
 
 MAX_CONTROLLED_TOKENS = 32 ** 2  # the official controllers keep and edit only maps with <= 32*32 queries
 _CAPTURE_ATTR = "_fatezero_fast_self_capture"

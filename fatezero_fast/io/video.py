@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fatezero_fast.errors import InputError
+from ..errors import InputError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov")
 GIF_EXTENSIONS = (".gif",)

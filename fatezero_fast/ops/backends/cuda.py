@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from ..source import SourceForm
+
 _OP_NAME = "fatezero_fast::blended_attention"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _PROBS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
-_FORMS = {None: 0, "qk": 1, "probs": 2}
+_FORMS = (SourceForm.NONE, SourceForm.QK, SourceForm.PROBS)
 
 _ext_state = None  # None: not tried yet; True / False: whether fatezero_fast._C imported
 _ext_error = None
@@ -98,9 +100,9 @@ def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"the cuda backend supports float16 and bfloat16 inputs, got {q.dtype}: "
                          "use the triton or cpu backend")
-    form = None if source is None else source[0]
-    if form not in _FORMS:
-        raise ValueError(f"the cuda backend does not support the {form!r} source form: use the triton backend")
+    if source.form not in _FORMS:
+        raise ValueError(f"the cuda backend does not support the {source.form.label!r} source form: "
+                         "use the triton backend")
     if q.device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors; q is on {q.device}")
     if q.shape[-1] % 8 != 0 or q.shape[-1] > 256:
@@ -109,20 +111,20 @@ def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     q_, k_, v_ = _aligned(q), _operand(k, dtype, dev), _operand(v, dtype, dev)
     kv_frames = kv_frames.to(device=dev, dtype=torch.long).contiguous()
     src_a = src_b = row_scale = None
-    if form == "qk":
-        src_a, src_b = _operand(source[1], dtype, dev), _operand(source[2], dtype, dev)
-    elif form == "probs":
-        p_s = source[1]
+    if source.form is SourceForm.QK:
+        src_a, src_b = _operand(source.a, dtype, dev), _operand(source.b, dtype, dev)
+    elif source.form is SourceForm.PROBS:
+        p_s = source.a
         if p_s.dtype == torch.float64:
             p_s = p_s.float()
         if p_s.dtype not in _PROBS_DTYPES:
             raise ValueError(f"the cuda backend takes P_s as float32, float16, bfloat16 or float8_e4m3fn; "
                              f"got {p_s.dtype}")
         src_a = p_s.to(dev).contiguous()
-        if len(source) > 2 and source[2] is not None:
-            row_scale = source[2].to(device=dev, dtype=torch.float32).contiguous()
+        if source.row_scale is not None:
+            row_scale = source.row_scale.to(device=dev, dtype=torch.float32).contiguous()
     mask_ = None
-    if form is not None and mask is not None:
+    if source.form is not SourceForm.NONE and mask is not None:
         mask_ = mask.to(device=dev, dtype=torch.float32).contiguous()
 
     if out is None:
@@ -131,7 +133,7 @@ def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
         target = out
     else:
         target = torch.empty(q.shape, dtype=dtype, device=dev)
-    torch.ops.fatezero_fast.blended_attention(q_, k_, v_, kv_frames, _FORMS[form], src_a, src_b, row_scale, mask_,
+    torch.ops.fatezero_fast.blended_attention(q_, k_, v_, kv_frames, int(source.form), src_a, src_b, row_scale, mask_,
                                               float(scale), target)
     if out is None:
         return target

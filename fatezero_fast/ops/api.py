@@ -18,12 +18,15 @@ import warnings
 
 import torch
 
-from . import control, reference
-from .backends import cpu as _cpu, cuda as _cuda, mask as _mask, triton as _triton
+from . import reference
+from .backends import cpu as _cpu
+from .backends import cuda as _cuda
+from .backends import mask as _mask
+from .backends import triton as _triton
+from .source import Source, SourceForm
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 BLEND_MASK_BACKENDS = ("auto", "cpu", "cuda", "reference")
-_SOURCE_FORMS = ("qk", "probs", "lowrank")
 _warned_fallback = False
 
 
@@ -45,7 +48,7 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return names
 
 
-def _check_inputs(q, k, v, kv_frames, source, mask):
+def _check_inputs(q, k, v, kv_frames, source, mask) -> Source:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
@@ -64,32 +67,17 @@ def _check_inputs(q, k, v, kv_frames, source, mask):
                          f"in [{int(kv_frames.min())}, {int(kv_frames.max())}]")
     if mask is not None and tuple(mask.shape) != (b, nq):
         raise ValueError(f"mask must be (B, Nq) = {(b, nq)}; got {tuple(mask.shape)}")
-    if source is None:
-        if mask is not None:
-            raise ValueError("a mask was given without a source: pass source=(...) or drop the mask")
-        return
-    if not isinstance(source, tuple) or not source or source[0] not in _SOURCE_FORMS:
-        raise ValueError(f"source must be a tuple whose first item is one of {_SOURCE_FORMS}")
-    nk_total = kv_frames.shape[1] * k.shape[2]
-    form = source[0]
-    if form == "qk":
-        if len(source) != 3 or source[1].shape != q.shape or source[2].shape != k.shape:
-            raise ValueError("source ('qk', q_s, k_s) needs q_s shaped like q and k_s shaped like k")
-    elif form == "probs":
-        if len(source) not in (2, 3) or tuple(source[1].shape) != (b, h, nq, nk_total):
-            raise ValueError(f"source ('probs', P_s[, row_scale]) needs P_s of shape {(b, h, nq, nk_total)}")
-        if len(source) == 3 and tuple(source[2].shape) != (b, h, nq):
-            raise ValueError(f"the fp8 row scale must be (B, H, Nq) = {(b, h, nq)}")
-    else:
-        if len(source) != 3 or source[1].shape[:3] != (b, h, nq) or \
-                tuple(source[2].shape) != (b, h, source[1].shape[3], nk_total):
-            raise ValueError(f"source ('lowrank', U, W) needs U (B, H, Nq, r) and W (B, H, r, R*Nk={nk_total})")
+    parsed = Source.of(source)
+    if parsed.form is SourceForm.NONE and mask is not None:
+        raise ValueError("a mask was given without a source: pass source=(...) or drop the mask")
+    parsed.check(q, k, kv_frames)
+    return parsed
 
 
 def _pick_backend(device: torch.device, source) -> str:
     global _warned_fallback
     for name in available_backends(device):
-        if name == "cuda" and source is not None and source[0] == "lowrank":
+        if name == "cuda" and source.form is SourceForm.LOWRANK:
             continue  # the CUDA kernel covers plain, qk and probs; Triton takes low-rank
         if name != "reference":
             return name
@@ -113,7 +101,7 @@ def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_f
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
-    _check_inputs(q, k, v, kv_frames, source, mask)
+    source = _check_inputs(q, k, v, kv_frames, source, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kv_frames = kv_frames.to(device=q.device, dtype=torch.long)
     if backend == "auto":
@@ -156,5 +144,5 @@ def blend_mask(token_maps: torch.Tensor, weights: torch.Tensor, threshold: float
             raise RuntimeError(f"the blend_mask op is not built for {backend} ({_mask.load_error() or 'no kernel'}): "
                                "rebuild with `pip install --no-build-isolation -e .`")
     if backend == "reference":
-        return control.blend_mask(maps, weights, threshold, size, use_pool)
+        return reference.blend_mask_reference(maps, weights, threshold, size, use_pool)
     return _mask.blend_mask(maps, weights, threshold, size, use_pool)

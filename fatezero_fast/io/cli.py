@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 DEMO_SOURCE = "a red car driving down a road"
 DEMO_TARGETS = ("a red car driving down a road", "a blue car driving down a road")
@@ -71,7 +71,7 @@ def _add_video_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
-    from .store import FORMS, PLACEMENTS
+    from ..stores import FORMS, PLACEMENTS
 
     p.add_argument("--store", default="recompute", choices=FORMS,
                    help="how the source attention is kept: recompute (default, exact, ~nothing stored), qk, "
@@ -94,7 +94,7 @@ def _make_store(args):
     """The store the flags ask for; a disk store writes into a temporary folder until saved."""
     import tempfile
 
-    from .store import make_store
+    from ..stores import make_store
 
     folder = tempfile.mkdtemp(prefix="fatezero_fast_store_") if args.store_placement == "disk" else None
     return make_store(args.store, placement=args.store_placement, folder=folder, rank=args.store_rank,
@@ -174,7 +174,7 @@ def _parse_index(entries):
 
 
 def _edit_options_from_flags(args):
-    from .control import EditOptions
+    from ..semantics.plan import EditOptions
 
     eq = None
     if args.eq:
@@ -252,7 +252,7 @@ def _default_size(run, args) -> None:
 def _load_pipeline(run, args, device):
     import torch
 
-    from .pipeline import FateZeroPipeline
+    from ..edit.pipeline import FateZeroPipeline
 
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if run.model is None:
@@ -285,7 +285,7 @@ def _load_clip(run):
 
 def _check_edits(pipe, run, source_prompt: str, steps: int) -> None:
     """Build every edit's plan once (warnings silenced: the edits give them) so bad options fail before inverting."""
-    from .control import EditPlan
+    from ..semantics.plan import EditPlan
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -304,7 +304,7 @@ def _report_store(inversion) -> None:
 
 
 def cmd_invert(args) -> None:
-    from .pipeline import resolve_device
+    from ..edit.pipeline import resolve_device
 
     run = _run_config(args)
     out = Path(args.output)
@@ -329,7 +329,8 @@ def cmd_invert(args) -> None:
 
 
 def cmd_edit(args) -> None:
-    from .pipeline import Inversion, resolve_device
+    from ..edit.inversion import Inversion
+    from ..edit.pipeline import resolve_device
     from .video import save_frames, save_masks, save_video, side_by_side
 
     run = _run_config(args)
@@ -392,8 +393,9 @@ def cmd_info(args) -> None:
 
     import torch
 
-    from . import __version__, ops
-    from .backends import cpu as cpu_backend, cuda as cuda_backend
+    from .. import __version__, ops
+    from ..ops.backends import cpu as cpu_backend
+    from ..ops.backends import cuda as cuda_backend
 
     lines = [f"fatezero-fast {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for name in ("triton", "diffusers", "transformers"):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from .control import EditOptions
-from .errors import InputError
-from .processors import VideoAttentionConfig
+from ..errors import InputError
+from ..semantics.plan import EditOptions
+from ..unet.processors import VideoAttentionConfig
 
 _EDIT_KEYS = {f.name for f in fields(EditOptions)} - {"guidance_scale"}
 # p2p_config keys the official code reads that change nothing here (recompute always uses inversion attention)

@@ -4,7 +4,7 @@ A UNet call runs B branches of F frames, B*F rows. Estimated device bytes per ro
 the top level's activation A = h*w*C0 elements (h x w the latent, C0 = block_out_channels[0])
 times the model dtype's size:
 
-- chunked (fatezero_fast.streaming, activations on the host between modules): the working set
+- chunked (unet.streaming, activations on the host between modules): the working set
   of the module in flight, WORKING * A. The largest is a 64x64 transformer block of SD-1.4
   (GEGLU feed-forward 8*C0 wide, Q/K/V, the anchor frames' K/V, residuals) or a ResNet of the
   top up block (3*C0 input channels, GroupNorm upcast to fp32), plus the chunk being prefetched.
@@ -20,22 +20,12 @@ largest chunk c with B*c chunked rows within it (at least 1). On the CPU it is N
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .levels import unet_levels
 
 WORKING = 32      # top-level activations alive at once per row, in units of h*w*C0 elements
 FRACTION = 0.5    # of the free device memory a UNet call may take
-
-
-def unet_levels(unet_config, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """(channels, tokens) of each UNet level, top first (levels halve, rounding up)."""
-    h, w = latent_size
-    levels = []
-    for channels in unet_config["block_out_channels"]:
-        levels.append((channels, h * w))
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return levels
 
 
 def row_bytes(unet_config, latent_size: tuple[int, int], dtype_bytes: int, chunked: bool = True) -> int:

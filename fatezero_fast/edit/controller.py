@@ -29,11 +29,12 @@ from typing import Sequence
 
 import torch
 
-from .control import EditOptions, EditPlan, blend_latents
-from .errors import InputError
-from .processors import VideoAttentionConfig, install
-from .reference import IndexEntry
-from .store import AttentionStore, make_store
+from ..errors import InputError
+from ..semantics.frames import IndexEntry
+from ..semantics.masks import blend_latents, latent_blend_mask
+from ..semantics.plan import EditOptions, EditPlan
+from ..stores import AttentionStore, make_store
+from ..unet.processors import VideoAttentionConfig, install
 
 
 class FateZeroController:
@@ -108,7 +109,7 @@ class FateZeroController:
         if not plan.blend_latents or self._edit_maps_sum is None:
             return latents
         source_maps = self.token_maps[self.num_steps - 1 - j].to(latents.device)
-        mask = plan.latent_blend_mask(j, source_maps, self._edit_maps_sum, tuple(latents.shape[-2:]))
+        mask = latent_blend_mask(plan, j, source_maps, self._edit_maps_sum, tuple(latents.shape[-2:]))
         return latents if mask is None else blend_latents(latents, inverted, mask)
 
     def _edit_plan(self) -> EditPlan:

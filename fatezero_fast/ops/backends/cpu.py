@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-_SOURCE_FORM = {None: 0, "qk": 1, "probs": 2, "lowrank": 3}
+from ..source import SourceForm
+
 _op = None          # torch.ops.fatezero_fast.blended_attention once loaded
 _load_error = None  # why it could not be loaded (str), once tried
 
@@ -39,7 +40,7 @@ def available(device=None) -> bool:
 
 
 def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
-    """out = M softmax(Q K_e^T s) V_e + (1 - M) P_s V_e on CPU; inputs already validated by ops.py."""
+    """out = M softmax(Q K_e^T s) V_e + (1 - M) P_s V_e on CPU; inputs validated and `source` parsed by ops.api."""
     op = _load()
     if op is None:
         raise RuntimeError(f"the cpu backend needs fatezero_fast._C ({_load_error}); rebuild with "
@@ -49,22 +50,14 @@ def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     k = k.to(dtype).contiguous()
     v = v.to(dtype).contiguous()
     kv_frames = kv_frames.to(device=q.device, dtype=torch.long).contiguous()
-    form = None if source is None else source[0]
-    src_a = src_b = row_scale = None
-    if form == "qk":
-        src_a, src_b = source[1].contiguous(), source[2].contiguous()
-    elif form == "probs":
-        src_a = source[1].contiguous()
-        if len(source) == 3 and source[2] is not None:
-            row_scale = source[2].to(torch.float32).contiguous()
-    elif form == "lowrank":
-        src_a, src_b = source[1].contiguous(), source[2].contiguous()
-    if form is not None and mask is not None:
+    row_scale = None if source.row_scale is None else source.row_scale.to(torch.float32).contiguous()
+    src_a, src_b = (None if t is None else t.contiguous() for t in (source.a, source.b))
+    if source.form is not SourceForm.NONE and mask is not None:
         mask = mask.to(device=q.device, dtype=torch.float32).contiguous()
     else:
         mask = None  # no source: plain attention; no mask with a source: full source
     target = out if out is not None and out.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format)
-    op(q, k, v, kv_frames, _SOURCE_FORM[form], src_a, src_b, row_scale, mask, float(scale), target)
+    op(q, k, v, kv_frames, int(source.form), src_a, src_b, row_scale, mask, float(scale), target)
     if out is None:
         return target
     if target is not out:

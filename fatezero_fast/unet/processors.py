@@ -29,14 +29,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .control import EditPlan
+from .. import ops
+from ..semantics import masks
+from ..semantics.frames import IndexEntry, resolve_frame_index
+from ..semantics.plan import EditPlan
+from ..stores import AttentionStore, RecomputeStore
+from . import levels
 from .groupnorm import make_groupnorms_clip_wide
-from .reference import IndexEntry, resolve_frame_index
-from .store import AttentionStore, RecomputeStore
 
 _CPU = torch.device("cpu")
-MASK_LEVEL = 2  # blend masks come from the cross maps at 1/4 of the latent size (16x16 at 512x512)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class VideoAttentionConfig:
 
     sparse_causal_index: Sequence[IndexEntry] = (-1, "first")  # SparseCausalAttention_index
     least_sc_channel: int | None = None        # blocks narrower than this use per-frame attention
-    max_control_tokens: int = 32 * 32         # layers with more query tokens are never controlled
+    max_control_tokens: int = levels.CONTROL_LIMIT  # layers with more query tokens are never controlled
     backend: str = "auto"                      # blended_attention backend
 
     def __post_init__(self):
@@ -88,19 +89,10 @@ class FateZeroState:
 
     # -- geometry
     def level_size(self, tokens: int) -> tuple[int, int]:
-        """(h, w) of the UNet level with `tokens` query tokens (levels halve, rounding up)."""
-        h, w = self.latent_size
-        while h * w > tokens:
-            h, w = (h + 1) // 2, (w + 1) // 2
-        if h * w != tokens:
-            raise ValueError(f"no UNet level of a {self.latent_size} latent has {tokens} tokens")
-        return h, w
+        return levels.level_size(self.latent_size, tokens)
 
     def mask_level_tokens(self) -> int:
-        h, w = self.latent_size
-        for _ in range(MASK_LEVEL):
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return h * w
+        return levels.mask_level_tokens(self.latent_size)
 
     def controls(self, tokens: int) -> bool:
         """Is a layer with this many query tokens captured (inversion) or fused (editing)?"""
@@ -156,7 +148,7 @@ class FateZeroState:
 
     def self_blend_mask(self, tokens: int) -> torch.Tensor | None:
         if tokens not in self._masks:
-            self._masks[tokens] = self.plan.self_blend_mask(self.source_token_maps, self.level_size(tokens))
+            self._masks[tokens] = masks.self_blend_mask(self.plan, self.source_token_maps, self.level_size(tokens))
         return self._masks[tokens]
 
 

@@ -17,21 +17,8 @@ from __future__ import annotations
 
 import contextlib
 
+from .levels import up_block_tokens
 from .processors import FateZeroState
-
-
-def up_block_tokens(unet, latent_size: tuple[int, int]) -> list[int]:
-    """Query tokens of the attention layers of each up block (the block's input resolution)."""
-    h, w = latent_size
-    ups = [len(getattr(block, "upsamplers", None) or []) for block in unet.up_blocks]
-    tokens, halvings = [], sum(ups)
-    for count in ups:
-        bh, bw = h, w
-        for _ in range(halvings):  # levels halve rounding up, as the down path's strided convs do
-            bh, bw = (bh + 1) // 2, (bw + 1) // 2
-        tokens.append(bh * bw)
-        halvings -= count
-    return tokens
 
 
 def source_exit_block(unet, state: FateZeroState) -> int | None:

@@ -1,0 +1,4 @@
+"""`python -m fatezero_fast ...` is the `fatezero-fast` command."""
+from .io.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Editing: the pipeline (inversion + edits), the saved Inversion, the controller for your own loop."""

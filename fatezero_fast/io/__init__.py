@@ -1,0 +1,1 @@
+"""What touches the user's files and terminal: video in/out, the official YAML configs, the CLI."""
