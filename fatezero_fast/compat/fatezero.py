@@ -94,7 +94,7 @@ def patch(store: str = "qk", *, placement: str = "host", folder: str | os.PathLi
 
     store: how inversion keeps each controlled self-attention layer's source: "qk" (source Q and
     K, exact; default), "full" (fp32 maps, as the official code), "fp16", "fp8", "lowrank"
-    (fatezero_fast.store). placement: "host", "device" or "disk" (a controller created with
+    (fatezero_fast.stores). placement: "host", "device" or "disk" (a controller created with
     disk_store=True always uses disk, beside its own files). backend: blended_attention backend.
     src: the official checkout, when it is not importable yet (default: env FATEZERO_SRC).
     Calling it again changes the settings; `unpatch()` restores the official registration.
@@ -536,7 +536,7 @@ def _source_on(source, q, count: int):
 # ---------------------------------------------------------------- controller-facing API
 
 def source_store(store_controller):
-    """The fatezero_fast store (fatezero_fast.store.AttentionStore: nbytes(), breakdown(), ...)
+    """The fatezero_fast store (fatezero_fast.stores.AttentionStore: nbytes(), breakdown(), ...)
     holding the self-attention sources captured for an official AttentionStore, or None."""
     capture = _live_capture(store_controller)
     return None if capture is None else capture.store

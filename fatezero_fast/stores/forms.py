@@ -1,4 +1,4 @@
-"""The store forms, one class each, and `make_store` (docs/stores.md)."""
+"""The store forms, one class each, and `make_store` (docs/design.md, "Stores")."""
 from __future__ import annotations
 
 import torch
