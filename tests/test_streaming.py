@@ -226,11 +226,12 @@ def test_stores_see_one_chunk_at_a_time(components, latents, form, index_list):
         seen.append(("cross map", probs.shape[0], frames.stop - frames.start))
 
     def on_self_source(source, step, layer, frames, key_frames, device):
-        seen.append(("source rows", source[1].shape[0], frames.stop - frames.start))
+        seen.append(("source rows", source.a.shape[0], frames.stop - frames.start))
         if form == "qk":
-            seen.append(("source k", source[2].shape[0], key_frames.numel()))
+            seen.append(("source k", source.b.shape[0], key_frames.numel()))
         else:
-            seen.extend(("source rows", t.shape[0], frames.stop - frames.start) for t in source[2:])
+            seen.extend(("source rows", t.shape[0], frames.stop - frames.start)
+                        for t in (source.b, source.row_scale) if t is not None)
 
     def on_cross_source(p, step, layer, frames, device):
         seen.append(("source cross map", p.shape[0], frames.stop - frames.start))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.source import Source, SourceForm
 from ..semantics import masks
 from ..semantics.frames import IndexEntry, resolve_frame_index
 from ..semantics.plan import EditPlan
@@ -223,7 +224,7 @@ class SpatioTemporalAttnProcessor:
                                   scale=attn.scale, backend=st.config.backend, out=out[:plain * qf])
         if edit:
             if st.store.recompute:
-                source = ("qk", q[st.source_rows()], k[:kf])
+                source = Source(SourceForm.QK, q[st.source_rows()], k[:kf])
             else:
                 source = st.store.self_source(st.store_step, self.name, st.frame_slice, frames, q.device)
             mask = st.self_blend_mask(tokens)
