@@ -25,6 +25,7 @@ from ..stores import AttentionStore, make_store
 from ..unet.chunk_size import auto_chunk_size
 from ..unet.processors import VideoAttentionConfig, install
 from ..unet.runner import streaming_unet
+from ..unet.shard import FrameShard, shard_from_env
 from ..unet.source_exit import drop_source_branch, source_exit_block
 from .controller import FateZeroController
 from .inversion import Inversion
@@ -96,6 +97,18 @@ class FateZeroPipeline:
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.state = install(self.unet, attention or VideoAttentionConfig())
+        self.shard: FrameShard | None = None  # frames split over ranks (distribute)
+
+    def distribute(self, group=None) -> bool:
+        """Split every UNet call's frames over the ranks of `group` (default: the default process
+        group, initialised from torchrun's environment when it is not yet). Every rank runs the same
+        calls on the same inputs and gets the same results; only rank 0 shows progress and decodes.
+        Returns False (nothing changes) in a single process."""
+        self.shard = shard_from_env(group)
+        return self.shard is not None
+
+    def _shows_progress(self, progress: bool) -> bool:
+        return progress and (self.shard is None or self.shard.rank == 0)
 
     # -- construction
     @classmethod
@@ -184,6 +197,10 @@ class FateZeroPipeline:
             chunk_size = self.auto_chunk_size(f, len(branches), tuple(branches[0].shape[-2:]))
         sample = torch.cat(branches).to(self.device, self.dtype)
         context = torch.cat([e.expand(f, -1, -1) for e in embeddings])
+        if self.shard is not None:  # a rank runs its frames layer-major and exchanges the couplings
+            return streaming_unet(self.unet, sample, t, context, num_frames=f, chunk_size=chunk_size or f,
+                                  state=self.state, progress=self._shows_progress(progress) and (chunk_size or f) < f,
+                                  drop_first_branch_at=drop_first_branch_at, shard=self.shard)
         if chunk_size is None:
             with drop_source_branch(self.unet, self.state, drop_first_branch_at):
                 return self.unet(sample, t, encoder_hidden_states=context).sample
@@ -230,7 +247,7 @@ class FateZeroPipeline:
         kept = new_steps((steps + 1,) + tuple(z.shape), keep_dtype, latents_folder)
         kept[0] = z.cpu()
         token_maps = None
-        for i in tqdm(range(steps), desc="inversion", disable=not progress):
+        for i in tqdm(range(steps), desc="inversion", disable=not self._shows_progress(progress)):
             t = timesteps[steps - 1 - i]
             with ctl.inversion_step(i, z):
                 eps = self._unet([z], [cond], t, chunk_size, progress)
@@ -272,7 +289,8 @@ class FateZeroPipeline:
             (chunk_size != "auto" or self.auto_chunk_size(f, joint, latent_size) is not None)
         edit_embeddings = ([uncond] if cfg and not separate_uncond else []) + [tgt_cond]  # [(uncond,) target]
         masks = {"self_attention": [], "latents": []}
-        for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
+        for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}",
+                                   disable=not self._shows_progress(progress))):
             if separate_uncond:
                 self.state.begin_call("plain", f, latent_size)
                 eps_uncond = self._unet([z], [uncond], t, chunk_size, progress)
@@ -299,5 +317,5 @@ class FateZeroPipeline:
                 masks["latents"].append(mask.float())
         self.state.begin_call("plain", 1, latent_size)
         masks = {k: torch.stack(v).cpu() for k, v in masks.items() if v}
-        frames = self.decode_latents(z) if decode else None
+        frames = self.decode_latents(z) if decode and (self.shard is None or self.shard.rank == 0) else None
         return EditResult(target_prompt, z.cpu(), frames, masks)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .processors import SpatioTemporalAttnProcessor
+from .shard import FrameShard
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -28,9 +29,11 @@ class ChunkSchedule:
     loop that brings each chunk to the device (prefetching the next one on CUDA)."""
 
     def __init__(self, num_frames: int, branches: int, chunk_size: int, device: torch.device, offload: bool,
-                 context: torch.Tensor, passes: int | None):
-        self.num_frames, self.branches, self.device = num_frames, branches, device
-        self.bounds = [(a, min(a + chunk_size, num_frames)) for a in range(0, num_frames, chunk_size)]
+                 context: torch.Tensor, passes: int | None, shard: FrameShard | None = None):
+        self.num_frames, self.branches, self.device, self.shard = num_frames, branches, device, shard
+        # this process's frames [lo, hi): the whole clip, or a rank's range (unet/shard.py)
+        self.lo, self.hi = (0, num_frames) if shard is None else shard.frames(num_frames)
+        self.bounds = [(a, min(a + chunk_size, self.hi)) for a in range(self.lo, self.hi, chunk_size)]
         self.storage = torch.device("cpu") if offload else device
         self.pin = device.type == "cuda" and offload
         self.copy_stream = torch.cuda.Stream(device) if self.pin else None
@@ -107,19 +110,19 @@ class ClipActivation:
         b, c = r.branches, e - a
         y = y.reshape(b, c, *y.shape[1:])
         if self.data is None:
-            self.data = torch.empty((r.num_frames, b) + tuple(y.shape[2:]), dtype=y.dtype, device=r.storage,
+            self.data = torch.empty((r.hi - r.lo, b) + tuple(y.shape[2:]), dtype=y.dtype, device=r.storage,
                                     pin_memory=r.pin)
         if self.keep_stats and y.dim() == 5:
             var, mean = torch.var_mean(_upcast(y).flatten(3), dim=(1, 3), unbiased=False)  # (B, C)
             n = c * y.shape[3] * y.shape[4]
             self.stats.append((n, mean.double(), var.double() * n))
-        self.data[a:e].copy_(y.transpose(0, 1), non_blocking=r.pin)
+        self.data[a - r.lo:e - r.lo].copy_(y.transpose(0, 1), non_blocking=r.pin)
 
     def read(self, a: int, e: int) -> torch.Tensor:
         """Frames [a, e) as device rows (B*c, ...) (issued on the current stream)."""
         r = self.schedule
         # the whole (contiguous) chunk is copied, dropped branches are sliced off on the device
-        x = self.data[a:e].to(r.device, non_blocking=r.pin)[:, self.dropped:]
+        x = self.data[a - r.lo:e - r.lo].to(r.device, non_blocking=r.pin)[:, self.dropped:]
         return x.transpose(0, 1).reshape((r.branches * (e - a),) + tuple(x.shape[2:]))
 
     def without_first_branch(self) -> "ClipActivation":
@@ -142,17 +145,24 @@ class ClipActivation:
         return clip
 
     def channel_stats(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(count, mean, M2) per (branch, channel) over all frames, float64 (parallel-variance combination)."""
-        if not self.stats or sum(n for n, _, _ in self.stats) != self.schedule.num_frames * self.shape[1] * \
-                self.shape[2]:
+        """(count, mean, M2) per (branch, channel) over all frames of the clip, float64: this process's
+        chunks, then (sharded) every rank's, combined in order with the parallel-variance formula."""
+        r = self.schedule
+        if not self.stats or sum(n for n, _, _ in self.stats) != (r.hi - r.lo) * self.shape[1] * self.shape[2]:
             raise RuntimeError("clip-wide statistics need every chunk of the activation written")
-        total = sum(n for n, _, _ in self.stats)  # no device sync: counts are host ints
-        counts = torch.tensor([n for n, _, _ in self.stats], dtype=torch.float64).to(self.stats[0][1].device)
-        means = torch.stack([m for _, m, _ in self.stats])        # (K, B, C)
-        m2s = torch.stack([m2 for _, _, m2 in self.stats])
-        mean = (counts[:, None, None] * means).sum(0) / total
-        m2 = m2s.sum(0) + (counts[:, None, None] * (means - mean) ** 2).sum(0)
-        return total, mean, m2
+        stats = _combine(self.stats)
+        return stats if r.shard is None else _combine(r.shard.gather_stats(*stats))
+
+
+def _combine(stats: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s parallel variance: parts (n_k, mean_k, M2_k) -> (n, mean, M2)."""
+    total = sum(n for n, _, _ in stats)  # no device sync: counts are host ints
+    counts = torch.tensor([n for n, _, _ in stats], dtype=torch.float64).to(stats[0][1].device)
+    means = torch.stack([m for _, m, _ in stats])        # (K, B, C)
+    m2s = torch.stack([m2 for _, _, m2 in stats])
+    mean = (counts[:, None, None] * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts[:, None, None] * (means - mean) ** 2).sum(0)
+    return total, mean, m2
 
 
 class KVCache:
@@ -167,17 +177,32 @@ class KVCache:
     def put(self, a: int, e: int, normed: torch.Tensor) -> None:
         """Project the normalised attn1 input rows of frames [a, e) and keep the needed frames."""
         lo, hi = (int(torch.searchsorted(self.frames, x)) for x in (a, e))
-        if lo == hi:
-            return
         r = self.schedule
+        if lo == hi:
+            if r.shard is not None and self.k is None:  # a rank owning none of the frames shares a zero cache
+                k, _ = self.processor.key_value(self.attn, normed[:1])
+                self._allocate((r.branches,) + tuple(k.shape[1:]), k.dtype)
+            return
         rows = normed.reshape(r.branches, e - a, *normed.shape[1:])[:, self.frames[lo:hi] - a]
         k, v = self.processor.key_value(self.attn, rows.reshape(-1, *normed.shape[1:]))
-        for name, x in (("k", k), ("v", v)):
-            x = x.reshape(r.branches, hi - lo, *x.shape[1:]).transpose(0, 1)
-            if getattr(self, name) is None:
-                setattr(self, name, torch.empty((len(self.frames),) + tuple(x.shape[1:]), dtype=x.dtype,
-                                                device=r.storage, pin_memory=r.pin))
-            getattr(self, name)[lo:hi].copy_(x, non_blocking=r.pin)
+        k, v = (x.reshape(r.branches, hi - lo, *x.shape[1:]).transpose(0, 1) for x in (k, v))
+        if self.k is None:
+            self._allocate(tuple(k.shape[1:]), k.dtype)
+        self.k[lo:hi].copy_(k, non_blocking=r.pin)
+        self.v[lo:hi].copy_(v, non_blocking=r.pin)
+
+    def _allocate(self, shape: tuple, dtype: torch.dtype) -> None:
+        """(S, B, H, N, D) caches; zeros when sharded (the frames of other ranks are summed in)."""
+        r = self.schedule
+        alloc = torch.empty if r.shard is None else torch.zeros
+        self.k, self.v = (alloc((len(self.frames),) + shape, dtype=dtype, device=r.storage, pin_memory=r.pin)
+                          for _ in range(2))
+
+    def share(self) -> None:
+        """Sharded: every rank gets the K/V of all cached frames (each filled its own, zeros elsewhere)."""
+        if self.schedule.shard is not None:
+            self.schedule.shard.sum_(self.k)
+            self.schedule.shard.sum_(self.v)
 
     def get(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V (B*S', H, N, D) of the sorted clip `frames` (a subset of the cached ones), on the device."""

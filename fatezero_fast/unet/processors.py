@@ -134,6 +134,10 @@ class FateZeroState:
             return None
         return torch.stack(self._captured).mean(0)
 
+    def captured_buffers(self) -> list[torch.Tensor]:
+        """The whole-clip (F, rh, rw, 77) buffers the chunks of this call recorded into."""
+        return list(self._chunk_maps.values())
+
     def record(self, head_mean_probs: torch.Tensor, layer: str | None = None) -> None:
         rh, rw = self.level_size(head_mean_probs.shape[1])
         maps = head_mean_probs.reshape(self.rows_per_branch, rh, rw, -1).float()

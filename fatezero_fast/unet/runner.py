@@ -39,6 +39,7 @@ from torch import nn
 from .chunks import ChunkSchedule, ClipActivation, KVCache, _upcast
 from .groupnorm import ClipGroupNorm, group_norm_affine
 from .processors import ChunkView, FateZeroState, SpatioTemporalAttnProcessor
+from .shard import FrameShard
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -49,7 +50,7 @@ _MID = ("UNetMidBlock2DCrossAttn",)
 def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                    num_frames: int, chunk_size: int, state: FateZeroState | None = None,
                    offload: bool | None = None, progress: bool = False,
-                   drop_first_branch_at: int | None = None) -> torch.Tensor:
+                   drop_first_branch_at: int | None = None, shard: FrameShard | None = None) -> torch.Tensor:
     """`unet(sample, timestep, encoder_hidden_states).sample`, computed layer-major in chunks of frames.
 
     sample: (B*F, C, h, w), branches of `num_frames` frames each (FateZero's batch layout);
@@ -59,7 +60,9 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
     pinned host memory between modules; otherwise they stay on the device. Returns (B*F, C_out, h, w)
     on the UNet's device, equal to the unchunked call up to float rounding. With
     `drop_first_branch_at` = i, branch 0 leaves the batch before up_blocks[i] and the output has
-    the other branches only (unet/source_exit.py).
+    the other branches only (unet/source_exit.py). With a `shard`, this rank runs its own frames
+    (unet/shard.py); the output, and the mask-level maps `state` captured, are the whole clip's on
+    every rank.
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -79,10 +82,14 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
     device = unet.device
     offload = device.type == "cuda" if offload is None else offload
     chunks = ChunkSchedule(num_frames, rows // num_frames, chunk_size, device, offload, encoder_hidden_states,
-                           _count_passes(unet) if progress else None)
+                           _count_passes(unet) if progress else None, shard)
     runner = LayerMajorUNet(unet, state, chunks)
     try:
-        return runner.forward(sample.to(device, unet.dtype), timestep, drop_first_branch_at)
+        out = runner.forward(sample.to(device, unet.dtype), timestep, drop_first_branch_at)
+        if shard is not None and state is not None:
+            for maps in state.captured_buffers():  # each rank recorded its own frames, zeros elsewhere
+                shard.sum_(maps)
+        return out
     finally:
         chunks.bar.close()
         if state is not None:
@@ -145,7 +152,7 @@ class LayerMajorUNet:
             if module.frames() != self.chunks.num_frames:
                 raise ValueError(f"the clip-wide GroupNorm counts {module.frames()} frames per clip, the call "
                                  f"has {self.chunks.num_frames}: call state.begin_call first")
-            if len(self.chunks.bounds) == 1:  # the whole clip in one chunk: the module itself
+            if len(self.chunks.bounds) == 1 and self.chunks.shard is None:  # the whole clip in one chunk
                 return module
             if self.chunks.num_frames > 1:
                 return self._clip_group_norm(module.norm, inputs)
@@ -241,6 +248,8 @@ class LayerMajorUNet:
             return run
 
         hidden = self.chunks.map([x], with_kv(enter, 0), stats=False)
+        if caches[0] is not None:
+            caches[0].share()
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1
 
@@ -258,6 +267,8 @@ class LayerMajorUNet:
 
             fn = body if last else with_kv(body, i + 1)
             hidden = self.chunks.map([hidden] + ([x] if last else []), fn, stats=last)
+            if not last and caches[i + 1] is not None:
+                caches[i + 1].share()
         if self.state is not None:
             self.state.chunk = None  # drop the last chunk's K/V
         return hidden
@@ -360,6 +371,9 @@ class LayerMajorUNet:
                 rows = unet.conv_act(norm(rows))
             y = unet.conv_out(rows)
             if out is None:
-                out = torch.empty((b, f) + tuple(y.shape[1:]), dtype=y.dtype, device=self.chunks.device)
+                alloc = torch.empty if self.chunks.shard is None else torch.zeros  # sharded: other ranks' frames summed in
+                out = alloc((b, f) + tuple(y.shape[1:]), dtype=y.dtype, device=self.chunks.device)
             out[:, a:e] = y.reshape(b, e - a, *y.shape[1:])
+        if self.chunks.shard is not None:
+            self.chunks.shard.sum_(out)
         return out.reshape(b * f, *out.shape[2:])

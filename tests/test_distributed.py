@@ -1,0 +1,85 @@
+"""Frames split over ranks (gloo, CPU) give the single-process run: inversion and edit latents.
+
+Each world size is one torch.multiprocessing spawn whose ranks run several cases; the parent runs
+the same cases in one process and compares. float64 runs carry exactness (1e-12), fp32 1e-5.
+"""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fatezero_fast.edit.pipeline import FateZeroPipeline
+from fatezero_fast.models import random_components
+from fatezero_fast.unet.processors import VideoAttentionConfig
+from fatezero_fast.unet.shard import frame_range
+
+SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
+EDIT = dict(blend_words=[["car"], ["car"]], blend_self_attention=True, blend_latents=True, guidance_scale=7.5)
+LATENT = (8, 5)
+# (name, world size, frames, index list, store, chunk size inside a rank, dtype)
+CASES = [
+    ("odd-frames", 2, 5, [-1, "first"], "recompute", None, torch.float64),
+    ("qk-chunked", 2, 5, ["mid"], "qk", 2, torch.float64),
+    ("fp32", 2, 4, [-2, -1], "recompute", None, torch.float32),
+    ("one-frame-ranks", 3, 4, ["mid"], "qk", 1, torch.float64),
+    ("neighbours", 3, 5, [-2, -1], "recompute", 1, torch.float64),
+]
+
+
+def run_case(frames, index_list, store, chunk, dtype, distribute):
+    parts = copy.deepcopy(random_components("tiny", seed=0))
+    pipe = FateZeroPipeline(**parts, device="cpu", dtype=dtype,
+                            attention=VideoAttentionConfig(sparse_causal_index=index_list,
+                                                           backend="reference" if dtype == torch.float64 else "auto"))
+    if distribute:
+        assert pipe.distribute()
+    torch.manual_seed(0)
+    latents = torch.randn(frames, 4, *LATENT, dtype=dtype)
+    inversion = pipe.invert(None, SOURCE, 3, latents=latents, store=store, progress=False, chunk_size=chunk)
+    edit = pipe.edit(inversion, TARGET, progress=False, decode=False, chunk_size=chunk, **EDIT)
+    return {"inversion": inversion.latents.clone(), "maps": inversion.token_maps.clone(), "edit": edit.latents,
+            "masks": edit.masks}
+
+
+def _rank(rank, world, init, out, cases):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {name: run_case(*args, distribute=True) for name, *args in cases}
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_frame_ranges_are_contiguous_and_balanced():
+    for frames in range(1, 12):
+        for world in range(1, frames + 1):
+            ranges = [frame_range(frames, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == frames
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [hi - lo for lo, hi in ranges]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_runs_equal_one_process(tmp_path, world):
+    cases = [(name, *args) for name, w, *args in CASES if w == world]
+    out = tmp_path / "result"
+    mp.spawn(_rank, args=(world, f"file://{tmp_path / 'init'}", str(out), cases), nprocs=world, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(world)]
+    for name, *args in cases:
+        expected = run_case(*args, distribute=False)
+        tol = 1e-5 if args[-1] == torch.float32 else 1e-12
+        for got in (r[name] for r in ranks):
+            for key in ("inversion", "maps", "edit"):
+                assert rel_err(got[key], expected[key]) <= tol, (name, key)
+            assert set(got["masks"]) == set(expected["masks"]) and expected["masks"], name
+            for mask, value in expected["masks"].items():
+                assert torch.equal(got["masks"][mask], value), (name, mask)
