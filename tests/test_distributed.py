@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
 from fatezero_fast.unet.processors import VideoAttentionConfig
-from fatezero_fast.unet.shard import frame_range
+from fatezero_fast.unet.shard import exchange_bytes, frame_range
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 EDIT = dict(blend_words=[["car"], ["car"]], blend_self_attention=True, blend_latents=True, guidance_scale=7.5)
@@ -43,11 +43,25 @@ def run_case(frames, index_list, store, chunk, dtype, distribute):
             "masks": edit.masks}
 
 
+def count_bytes(rank, world, frames=5):
+    """(bytes the rank sent in one inversion call, as counted; as exchange_bytes computes them)."""
+    pipe = FateZeroPipeline(**copy.deepcopy(random_components("tiny", seed=0)), device="cpu",
+                            attention=VideoAttentionConfig(sparse_causal_index=[-1, "first"]))
+    assert pipe.distribute()
+    pipe.state.begin_call("invert", frames, LATENT, capture_branch=0)
+    before = pipe.shard.sent
+    pipe._unet([torch.randn(frames, 4, *LATENT)], [pipe.encode_prompt(SOURCE)], 500)
+    captured = len(pipe.state.captured_buffers())
+    assert captured > 0
+    return pipe.shard.sent - before, exchange_bytes(pipe.unet, LATENT, frames, world, rank, 1, captured)
+
+
 def _rank(rank, world, init, out, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results = {name: run_case(*args, distribute=True) for name, *args in cases}
+        results["bytes"] = count_bytes(rank, world)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -74,6 +88,9 @@ def test_sharded_runs_equal_one_process(tmp_path, world):
     out = tmp_path / "result"
     mp.spawn(_rank, args=(world, f"file://{tmp_path / 'init'}", str(out), cases), nprocs=world, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(world)]
+    for r in ranks:
+        counted, computed = r["bytes"]
+        assert counted == computed > 0
     for name, *args in cases:
         expected = run_case(*args, distribute=False)
         tol = 1e-5 if args[-1] == torch.float32 else 1e-12
@@ -83,3 +100,28 @@ def test_sharded_runs_equal_one_process(tmp_path, world):
             assert set(got["masks"]) == set(expected["masks"]) and expected["masks"], name
             for mask, value in expected["masks"].items():
                 assert torch.equal(got["masks"][mask], value), (name, mask)
+
+
+def _failing_rank(rank, world, init):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    if rank == 1:  # fails in the middle of the edit, while rank 0 waits in a collective
+        real_step = FateZeroPipeline._unet
+        calls = []
+
+        def failing(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("rank 1 failed on purpose")
+            return real_step(self, *args, **kwargs)
+        FateZeroPipeline._unet = failing
+    run_case(4, [-1, "first"], "recompute", None, torch.float32, distribute=True)
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
+        mp.spawn(_failing_rank, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2, join=True)
+    assert time.monotonic() - start < 120  # the other rank was ended, not left waiting

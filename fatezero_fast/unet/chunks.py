@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .processors import SpatioTemporalAttnProcessor
-from .shard import FrameShard
+from .shard import FrameShard, frame_range
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +171,9 @@ class KVCache:
     def __init__(self, schedule: ChunkSchedule, attn, processor: SpatioTemporalAttnProcessor):
         self.schedule, self.attn, self.processor = schedule, attn, processor
         self.frames = processor.kv_frames_needed()  # (S,) sorted clip frames, CPU
+        self.remote = torch.zeros(0, dtype=torch.long)  # sharded: frames broadcast from their owners
+        if schedule.shard is not None:
+            self._plan_exchange(schedule.shard, schedule.num_frames)
         self.k: torch.Tensor | None = None  # (S, B, H, N, D) in storage
         self.v: torch.Tensor | None = None
 
@@ -179,7 +182,7 @@ class KVCache:
         lo, hi = (int(torch.searchsorted(self.frames, x)) for x in (a, e))
         r = self.schedule
         if lo == hi:
-            if r.shard is not None and self.k is None:  # a rank owning none of the frames shares a zero cache
+            if r.shard is not None and self.k is None:  # a rank owning none of its frames receives them all
                 k, _ = self.processor.key_value(self.attn, normed[:1])
                 self._allocate((r.branches,) + tuple(k.shape[1:]), k.dtype)
             return
@@ -192,17 +195,38 @@ class KVCache:
         self.v[lo:hi].copy_(v, non_blocking=r.pin)
 
     def _allocate(self, shape: tuple, dtype: torch.dtype) -> None:
-        """(S, B, H, N, D) caches; zeros when sharded (the frames of other ranks are summed in)."""
+        """(S, B, H, N, D) caches of the S frames."""
         r = self.schedule
-        alloc = torch.empty if r.shard is None else torch.zeros
-        self.k, self.v = (alloc((len(self.frames),) + shape, dtype=dtype, device=r.storage, pin_memory=r.pin)
+        self.k, self.v = (torch.empty((len(self.frames),) + shape, dtype=dtype, device=r.storage, pin_memory=r.pin)
                           for _ in range(2))
 
+    def _plan_exchange(self, shard: FrameShard, num_frames: int) -> None:
+        """Cache the frames this rank's queries attend to, and the frames it owns that another
+        rank's queries attend to; `remote`: every frame some rank needs from another."""
+        ranges = [frame_range(num_frames, r, shard.world) for r in range(shard.world)]
+        index = self.processor.kv_frames_index()
+        remote = set()
+        for lo, hi in ranges:
+            remote.update(f for f in index[lo:hi].unique().tolist() if not lo <= f < hi)
+        lo, hi = ranges[shard.rank]
+        mine = set(index[lo:hi].unique().tolist()) | {f for f in remote if lo <= f < hi}
+        self.frames = torch.tensor(sorted(mine), dtype=torch.long)
+        self.remote = torch.tensor(sorted(remote), dtype=torch.long)
+
     def share(self) -> None:
-        """Sharded: every rank gets the K/V of all cached frames (each filled its own, zeros elsewhere)."""
-        if self.schedule.shard is not None:
-            self.schedule.shard.sum_(self.k)
-            self.schedule.shard.sum_(self.v)
+        """Sharded: each remote frame's K/V, broadcast from the rank that owns it to the others."""
+        shard, r = self.schedule.shard, self.schedule
+        if shard is None:
+            return
+        cached = self.frames.tolist()
+        for frame in self.remote.tolist():
+            src = shard.owner(frame, r.num_frames)
+            slot = cached.index(frame) if frame in cached else None
+            pair = torch.stack([self.k[slot], self.v[slot]]) if slot is not None else \
+                self.k.new_empty((2,) + tuple(self.k.shape[1:]))
+            shard.broadcast_(pair, src)
+            if slot is not None and shard.rank != src:
+                self.k[slot], self.v[slot] = pair[0], pair[1]
 
     def get(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V (B*S', H, N, D) of the sorted clip `frames` (a subset of the cached ones), on the device."""

@@ -187,6 +187,10 @@ class SpatioTemporalAttnProcessor:
         """Per-frame keys and values (B*F, H, N, D) of the (normalised) input rows."""
         return _split_heads(attn, attn.to_k(hidden_states)), _split_heads(attn, attn.to_v(hidden_states))
 
+    def kv_frames_index(self) -> torch.Tensor:
+        """(F, R) clip frames each query frame attends to (CPU)."""
+        return _frame_index_on(tuple(self.index_list), self.state.num_frames, _CPU)
+
     def kv_frames_needed(self) -> torch.Tensor:
         """Sorted clip frames whose keys/values a chunked call of this layer must be given."""
         return _frame_index_on(tuple(self.index_list), self.state.num_frames, _CPU).unique()

@@ -87,8 +87,8 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
     try:
         out = runner.forward(sample.to(device, unet.dtype), timestep, drop_first_branch_at)
         if shard is not None and state is not None:
-            for maps in state.captured_buffers():  # each rank recorded its own frames, zeros elsewhere
-                shard.sum_(maps)
+            for maps in state.captured_buffers():  # each rank recorded its own frames
+                shard.share_frames_(maps, 0)
         return out
     finally:
         chunks.bar.close()
@@ -371,9 +371,8 @@ class LayerMajorUNet:
                 rows = unet.conv_act(norm(rows))
             y = unet.conv_out(rows)
             if out is None:
-                alloc = torch.empty if self.chunks.shard is None else torch.zeros  # sharded: other ranks' frames summed in
-                out = alloc((b, f) + tuple(y.shape[1:]), dtype=y.dtype, device=self.chunks.device)
+                out = torch.empty((b, f) + tuple(y.shape[1:]), dtype=y.dtype, device=self.chunks.device)
             out[:, a:e] = y.reshape(b, e - a, *y.shape[1:])
-        if self.chunks.shard is not None:
-            self.chunks.shard.sum_(out)
+        if self.chunks.shard is not None:  # every rank computed its own frames
+            self.chunks.shard.share_frames_(out, 1)
         return out.reshape(b * f, *out.shape[2:])
