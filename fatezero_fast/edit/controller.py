@@ -16,7 +16,7 @@ each UNet call in a step of this controller. Options carry the official config n
         with ctl.edit_step(j, z):                           # batch: [uncond, target], F frames each
             eps = unet(torch.cat([z, z]), t, encoder_hidden_states=embeddings).sample
         z = scheduler.step(<guided eps>, t, z).prev_sample
-        z = ctl.blend_latents(j, z, inverted[T - j])        # item 8; inverted[k] = z_k, inverted[0] = z_0
+        z = ctl.blend_latents(j, z, inverted[T - j])        # docs/semantics.md §8; inverted[k] = z_k, inverted[0] = z_0
 
 The edited (target) branch must be the last of the batch. With store="recompute" nothing is
 kept per layer, and at the steps where `ctl.uses_source(j)` the batch must start with the source
@@ -103,7 +103,7 @@ class FateZeroController:
                 self._edit_maps_sum = captured if self._edit_maps_sum is None else self._edit_maps_sum + captured
 
     def blend_latents(self, j: int, latents: torch.Tensor, inverted: torch.Tensor) -> torch.Tensor:
-        """Item 8 after edit step j: `inverted` (the inversion latent z_{T-j}, FATEZERO.md) outside
+        """§8 after edit step j: `inverted` (the inversion latent z_{T-j}, docs/semantics.md) outside
         the blend mask, the edited latents inside; unchanged outside the mask's step window."""
         plan = self._edit_plan()
         if not plan.blend_latents or self._edit_maps_sum is None:

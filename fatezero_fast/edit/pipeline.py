@@ -1,6 +1,6 @@
 """FateZeroPipeline: DDIM inversion with the source prompt, then edits that fuse its attention.
 
-One inversion serves any number of edits (FATEZERO.md items 2 and 4). The source attention is
+One inversion serves any number of edits (docs/semantics.md §2, §4). The source attention is
 not stored: each editing step re-evaluates the source branch on the stored inversion latent
 with the source prompt in the same UNet batch as the edit ("recompute"), which is the very
 computation that produced the inversion maps; it runs only as far into the UNet, and at only
@@ -96,9 +96,8 @@ class FateZeroPipeline:
     def from_pretrained(cls, folder: str | Path, **kwargs) -> "FateZeroPipeline":
         """Load a local diffusers-format Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         from diffusers.utils import is_accelerate_available
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = check_model_folder(folder)
         loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer,
@@ -247,7 +246,7 @@ class FateZeroPipeline:
     def edit(self, inversion: Inversion, target_prompt: str, options: EditOptions | None = None, *,
              decode: bool = True, progress: bool = True, chunk_size: int | None = None,
              **option_kwargs) -> EditResult:
-        """Denoise from the inversion with the target prompt, fusing the source attention (items 4-8).
+        """Denoise from the inversion with the target prompt, fusing the source attention (docs/semantics.md §4-§8).
 
         `chunk_size` (default: the pipeline's) runs the UNet over that many frames at a time, exactly."""
         chunk_size = self.run.with_(chunk_size=chunk_size).chunk_size

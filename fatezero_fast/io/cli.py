@@ -19,7 +19,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import __version__
-from ..edit.choices import BACKENDS, DTYPE_NAMES, LATENTS_PLACEMENTS, STORE_FORMS, STORE_PLACEMENTS
+from ..edit.choices import (
+    BACKENDS,
+    DTYPE_NAMES,
+    LATENTS_PLACEMENTS,
+    STORE_FORMS,
+    STORE_PLACEMENTS,
+)
 from ..errors import InputError
 
 DEMO_SOURCE = "a red car driving down a road"
@@ -35,7 +41,8 @@ _FLAG_KEYS = (("--frames", "n_sample_frame", "dataset_config.n_sample_frame"),
               ("--self-replace-steps", "self_replace_steps", "editing_config.p2p_config"),
               ("--blend-words", "blend_words", "editing_config.p2p_config"),
               ("--blend-th", "blend_th", "editing_config.p2p_config"),
-              ("--eq", "eq_params", "editing_config.p2p_config"))
+              ("--eq", "eq_params", "editing_config.p2p_config"),
+              ("--model folder", "model folder", "pretrained_model_path"))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -223,8 +230,6 @@ def _job(args):
     args.from_config = job.from_config  # what error messages name in brackets (kept up to date below)
     for message in job.notes:
         note(message)
-    for message in job.warnings:
-        warnings.warn(message)
     v = job.video
     overrides = dict(path=args.video, n_sample_frame=args.frames, sampling_rate=args.sampling_rate,
                      start_sample_frame=args.start_frame, width=args.width, height=args.height)
@@ -294,9 +299,8 @@ def _reconcile(args, job, inversion, folder: str) -> None:
 
     latents = inversion.latents.shape
     height, width = (inversion.frames.shape[-2:] if inversion.frames is not None else (None, None))
-    same_path = lambda a, b: b is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
-    fixed = (("--model", args.model, inversion.model or "the built-in model", same_path),
-             ("--video", args.video, inversion.video, same_path),
+    fixed = (("--model", args.model, inversion.model or "the built-in model", _same_path),
+             ("--video", args.video, inversion.video, _same_path),
              ("--source-prompt", args.source_prompt, inversion.source_prompt, str.__eq__),
              ("--steps", args.steps, inversion.num_inference_steps, int.__eq__),
              ("--frames", args.frames, latents[1], lambda a, b: a in (b, -1)),
@@ -322,11 +326,15 @@ def _reconcile(args, job, inversion, folder: str) -> None:
     job.attention = replace(inversion.attention, backend=args.backend)
 
 
+def _same_path(a, b) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _name_flags(message: str, from_config: set[str]) -> str:
     """Name the flag the user would type; with the config key in brackets when the value came from the config."""
     for flag, key, section in _FLAG_KEYS:
         pattern = rf"(?<![\w-])({re.escape(flag)}|{re.escape(key)})(?![\w-])"
-        config_key = section if section.endswith(key) else f"{section}.{key}"
+        config_key = section if section.endswith(key) or " " in key else f"{section}.{key}"
         message = re.sub(pattern, f"{flag} [{config_key}]" if section in from_config else flag, message, count=1)
     return message
 

@@ -8,12 +8,13 @@ not apply to plain SD weights (lora, temporal_downsample_time, ...) are accepted
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from ..errors import InputError
+from ..errors import FateZeroWarning, InputError
 from ..semantics.plan import EditOptions
 from ..unet.processors import VideoAttentionConfig
 
@@ -56,16 +57,15 @@ class JobConfig:
     attention: VideoAttentionConfig = field(default_factory=VideoAttentionConfig)
     seed: int = 0
     notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
     from_config: set[str] = field(default_factory=set)  # the keys the config set (dataset_config.path, ...)
 
 
-def unknown_keys(section: dict, known: set, where: str, warnings: list[str]) -> None:
+def unknown_keys(section: dict, known: set, where: str) -> None:
     """A warning per key of `section` outside `known`, naming the closest known key."""
     for key in sorted(set(section) - known, key=str):
         close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
         hint = f": did you mean {close[0]!r}?" if close else ""
-        warnings.append(f"{where}key {key!r} is not a FateZero config key and is ignored{hint}")
+        warnings.warn(f"{where}key {key!r} is not a FateZero config key and is ignored{hint}", FateZeroWarning)
 
 
 def _int_or_none(value) -> int | None:
@@ -79,10 +79,10 @@ def _section(raw: dict, name: str) -> dict:
     return value
 
 
-def edit_options(entry: dict | None, guidance_scale: float, where: str, warnings: list[str]) -> EditOptions:
+def edit_options(entry: dict | None, guidance_scale: float, where: str) -> EditOptions:
     """EditOptions from one p2p_config entry (official key names)."""
     entry = dict(entry or {})
-    unknown_keys(entry, _EDIT_KEYS | _IGNORED_EDIT_KEYS, f"{where}: ", warnings)
+    unknown_keys(entry, _EDIT_KEYS | _IGNORED_EDIT_KEYS, f"{where}: ")
     for key in set(entry) - _EDIT_KEYS:
         entry.pop(key)
     return EditOptions(guidance_scale=guidance_scale, **entry)
@@ -100,12 +100,11 @@ def load_config(path: str | Path) -> JobConfig:
     if not isinstance(raw, dict):
         raise InputError(f"config {path} must be a YAML mapping")
     notes: list[str] = []
-    warnings: list[str] = []
     data, editing, model = (_section(raw, n) for n in ("dataset_config", "editing_config", "model_config"))
-    unknown_keys(raw, _TOP_KEYS | _IGNORED_TOP_KEYS, "", warnings)
-    unknown_keys(data, _VIDEO_KEYS | _IGNORED_VIDEO_KEYS, "dataset_config: ", warnings)
-    unknown_keys(editing, _EDITING_KEYS, "editing_config: ", warnings)
-    unknown_keys(model, _MODEL_KEYS, "model_config: ", warnings)
+    unknown_keys(raw, _TOP_KEYS | _IGNORED_TOP_KEYS, "")
+    unknown_keys(data, _VIDEO_KEYS | _IGNORED_VIDEO_KEYS, "dataset_config: ")
+    unknown_keys(editing, _EDITING_KEYS, "editing_config: ")
+    unknown_keys(model, _MODEL_KEYS, "model_config: ")
     from_config = {f"dataset_config.{k}" for k in data} | {f"editing_config.{k}" for k in editing} | \
         {f"model_config.{k}" for k in model} | {k for k in raw if not isinstance(raw[k], dict)}
     video = VideoSpec(path=data.get("path"), n_sample_frame=_int_or_none(data.get("n_sample_frame")),
@@ -130,7 +129,7 @@ def load_config(path: str | Path) -> JobConfig:
         entry = p2p.get(i, p2p.get(str(i)))
         if entry is None:
             notes.append(f"p2p_config has no entry {i}: editing prompt {i} uses the defaults")
-        edits.append((prompt, edit_options(entry, guidance, f"p2p_config[{i}]", warnings)))
+        edits.append((prompt, edit_options(entry, guidance, f"p2p_config[{i}]")))
     if editing.get("use_inversion_attention") is False:
         notes.append("use_inversion_attention: false is not supported; inversion attention is used")
     if not raw.get("pretrained_model_path"):
@@ -138,6 +137,6 @@ def load_config(path: str | Path) -> JobConfig:
                          f"Diffusion folder) or pass --model")
     return JobConfig(model=str(raw["pretrained_model_path"]), video=video, source_prompt=data.get("prompt", ""),
                      edits=edits, num_inference_steps=int(editing.get("num_inference_steps", 50)),
-                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes, warnings=warnings,
+                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes,
                      from_config=from_config)
 

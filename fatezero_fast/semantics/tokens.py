@@ -83,11 +83,11 @@ def word_weights(prompt: str, words: Sequence[str], tokenizer, what: str) -> tor
 # --- token mappers (seq_aligner) ---------------------------------------------------------------
 
 def replacement_mapper(source: str, target: str, tokenizer) -> torch.Tensor:
-    """(77, 77) word-swap mapper: P_base = P_src @ mapper (item 5, replace).
+    """(77, 77) word-swap mapper: P_base = P_src @ mapper (docs/semantics.md §5, replace).
 
     Swapped words map all their source tokens onto the target tokens (split evenly when the
     token counts differ). After the last swapped word the official code fills m[j, j] rather
-    than the aligned m[i, j]; kept here on purpose (FATEZERO.md, "Details").
+    than the aligned m[i, j]; kept here on purpose (docs/semantics.md, "Details").
     """
     words_x, words_y = source.split(" "), target.split(" ")
     if len(words_x) != len(words_y):
@@ -148,7 +148,7 @@ def _global_alignment(x: Sequence[int], y: Sequence[int]) -> list[int]:
 
 
 def refinement_mapper(source: str, target: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(77,) source column for each target token and (77,) alphas (1 = aligned) (item 5, refine)."""
+    """(77,) source column for each target token and (77,) alphas (1 = aligned) (docs/semantics.md §5, refine)."""
     x, y = tokenizer.encode(source), tokenizer.encode(target)
     aligned = torch.tensor(_global_alignment(x, y), dtype=torch.long)
     alphas = torch.ones(MAX_TOKENS)

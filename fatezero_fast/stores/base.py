@@ -1,9 +1,8 @@
 """Attention stores: how the source attention captured at inversion reaches the edits.
 
-One interface, one class per form (../shared/DESIGN.md "Stores", FATEZERO.md "Where the memory
-goes"). Inversion writes each controlled layer's source attention through `capture_self` /
-`capture_cross`; editing reads it back with `self_source` / `cross_source` at the same
-inversion step. Forms:
+One interface, one class per form (docs/semantics.md, "Where the memory goes"). Inversion
+writes each controlled layer's source attention through `capture_self` / `capture_cross`;
+editing reads it back with `self_source` / `cross_source` at the same inversion step. Forms:
 
 - recompute: keeps nothing per layer; each edit step re-evaluates the source branch beside the
   edit in the same UNet batch (exact). `self_source` returns None: "take the batch's source".
