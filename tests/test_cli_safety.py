@@ -30,6 +30,7 @@ MODEL_LOAD = "RANDOM weights"  # the note printed when the built-in model is loa
 def cli(cwd: Path, *argv, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # conftest's setting for the kernel tests; a user's run has none
     return subprocess.run([sys.executable, "-m", "fatezero_fast", *map(str, argv)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -428,7 +428,7 @@ def _staged(args, reads: dict):
     return StagedOutput.open(args.output, args.overwrite, {k: v for k, v in reads.items() if v is not None})
 
 
-def cmd_invert(args, argv) -> None:
+def cmd_invert(args) -> None:
     from .record import RunRecord
 
     job = _job(args)
@@ -440,7 +440,7 @@ def cmd_invert(args, argv) -> None:
         clip = _load_clip(job)
         if not job.source_prompt:
             raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
-        record = RunRecord("invert", argv, _settings(job, run))
+        record = RunRecord("invert", args.argv, _settings(job, run))
         with record.phase("load model"):
             pipe = _load_pipeline(job, run)
         with record.phase("invert"):
@@ -455,7 +455,7 @@ def cmd_invert(args, argv) -> None:
                          out.target))
 
 
-def cmd_edit(args, argv) -> None:
+def cmd_edit(args) -> None:
     import shutil
 
     from ..edit.inversion import Inversion
@@ -479,7 +479,7 @@ def cmd_edit(args, argv) -> None:
         clip = _load_clip(job) if inversion is None else None
         if not job.source_prompt:
             raise InputError("no source prompt: pass --source-prompt (it describes the input clip)")
-        record = RunRecord("edit", argv, _settings(job, run, inversion))
+        record = RunRecord("edit", args.argv, _settings(job, run, inversion))
         with record.phase("load model"):
             pipe = _load_pipeline(job, run)
         steps = inversion.num_inference_steps if inversion is not None else job.num_inference_steps
@@ -522,12 +522,12 @@ def _write_edits(pipe, inversion, job, args, out: Path, record) -> list[dict]:
     return summary
 
 
-def cmd_info(args, argv) -> None:
+def cmd_info(args) -> None:
     import platform
 
     import torch
 
-    from .. import ops
+    from .. import __version__, ops
     from ..ops.backends import cpu as cpu_backend
     from ..ops.backends import cuda as cuda_backend
 
@@ -552,6 +552,7 @@ def main(argv=None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # run.json records the command line
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("error: choose a command: edit, invert or info (see fatezero-fast --help)", file=sys.stderr)
@@ -559,7 +560,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # one line each on stderr; the caller's warning setup is left as it was
         warnings.showwarning = _show_warning
         try:
-            {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args, argv)
+            {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
         except InputError as exc:
             print(f"error: {_name_flags(str(exc), getattr(args, 'from_config', set()))}", file=sys.stderr)
             return 2
