@@ -46,6 +46,17 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
+def _checked_run(run: RunConfig | None, **changes) -> RunConfig:
+    """The pipeline's run configuration: `run` (default: fp32) with the keyword overrides, checked."""
+    return (run or RunConfig(dtype="fp32")).with_(**changes)
+
+
+def _with_checked_run(kwargs: dict) -> dict:
+    """Constructor keywords with their run configuration built, so that it is checked first."""
+    changes = {k: kwargs.pop(k) for k in ("attention", "device", "dtype", "chunk_size") if k in kwargs}
+    return dict(kwargs, run=_checked_run(kwargs.pop("run", None), **changes))
+
+
 @contextlib.contextmanager
 def _quiet_diffusers():
     from diffusers.utils import logging as diffusers_logging
@@ -74,8 +85,7 @@ class FateZeroPipeline:
                  chunk_size: int | str | None = None):
         """`run` says how to run (edit.run_config); attention, device, dtype (default fp32) and
         chunk_size, when given, override its fields."""
-        changes = dict(attention=attention, device=device, dtype=dtype, chunk_size=chunk_size)
-        self.run = (run or RunConfig(dtype="fp32")).with_(**changes)
+        self.run = _checked_run(run, attention=attention, device=device, dtype=dtype, chunk_size=chunk_size)
         self.device, self.dtype = self.run.device, self.run.dtype
         self._auto_chunks: dict[tuple, int | None] = {}
         with _quiet_diffusers():  # its dtype-cast notice is not about anything the user did
@@ -99,6 +109,7 @@ class FateZeroPipeline:
         from diffusers.utils import is_accelerate_available
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        kwargs = _with_checked_run(kwargs)  # bad options fail before anything is loaded
         folder = check_model_folder(folder)
         loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer,
                        unet=UNet2DConditionModel, scheduler=DDIMScheduler)
@@ -118,6 +129,7 @@ class FateZeroPipeline:
         """The embedded default: a small random-weight model of SD's architecture (outputs are noise-like)."""
         from ..models import random_components
 
+        kwargs = _with_checked_run(kwargs)  # bad options fail before the model is built
         return cls(**random_components("tiny", seed), **kwargs)
 
     # -- building blocks
