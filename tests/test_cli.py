@@ -123,7 +123,7 @@ def assert_edit_folder(folder: Path, frames: int, size: int = 64, masks: bool = 
         assert image.size == (size, size)
     assert (folder / "masks").is_dir() == masks
     if masks:
-        assert any((folder / "masks" / "self_attention").glob("*.png"))
+        assert (folder / "masks" / "self_attention.png").is_file()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -226,7 +226,7 @@ def test_edit_official_config(capsys, clip_dir, tiny_model_dir, tmp_path):
 
 
 def test_invert_then_edit_from_inversion(capsys, inversion_dir, tmp_path):
-    assert sorted(p.name for p in inversion_dir.iterdir()) == ["inversion.json", "inversion.pt"]
+    assert sorted(p.name for p in inversion_dir.iterdir()) == ["inversion.json", "inversion.pt", "run.json"]
     meta = json.loads((inversion_dir / "inversion.json").read_text())
     assert meta["source_prompt"] == SOURCE and meta["num_inference_steps"] == 2
     out = tmp_path / "out"
@@ -246,8 +246,8 @@ def test_invert_command_output(capsys, clip_dir, tmp_path):
     rc, stdout, err = run_cli(capsys, "invert", "--video", clip_dir, "--source-prompt", SOURCE, *TINY,
                               "--steps", "1", "-o", out)
     assert rc == 0, err
-    assert "saved the inversion (2 frames, 1 steps)" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["inversion.json", "inversion.pt"]
+    assert f"done: the inversion (2 frames, 1 steps) in {out}" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["inversion.json", "inversion.pt", "run.json"]
 
 
 @pytest.mark.parametrize("store", [["--store", "qk"], ["--store", "fp8", "--store-placement", "disk"]])
@@ -390,7 +390,7 @@ def test_steps_not_positive(capsys, clip_dir, tmp_path, no_model_work, steps):
 
 def test_blend_threshold_out_of_range(capsys, clip_dir, tmp_path, no_model_work):
     assert_bad_input(capsys, tmp_path, edit_args(clip_dir, tmp_path / "out", "--blend-words", "car", "car",
-                                                 "--blend-th", "3", "0.3"), "blend_th", "[0, 2]")
+                                                 "--blend-th", "3", "0.3"), "--blend-th", "[0, 2]")
 
 
 def test_model_folder_missing_components(capsys, clip_dir, tmp_path, no_model_work):
@@ -465,5 +465,5 @@ def test_bad_edit_options_fail_before_inverting(capsys, clip_dir, tmp_path, monk
     before = snapshot(tmp_path)
     rc, stdout, err = run_cli(capsys, *edit_args(clip_dir, out, "--overwrite", "--cross-replace-steps", "1.5"))
     assert rc == 2, err
-    assert lines(err, "error:") == err.splitlines()[-1:] and "cross_replace_steps" in err, err  # after the model note
+    assert lines(err, "error:") == err.splitlines()[-1:] and "--cross-replace-steps" in err, err  # after the model note
     assert snapshot(tmp_path) == before

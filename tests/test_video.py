@@ -209,25 +209,23 @@ def test_save_frames_names(tmp_path):
 def test_save_masks_per_frame(tmp_path):
     masks = torch.zeros(2, 8, 16)
     masks[1, :, 8:] = 1
-    paths = save_masks(masks, tmp_path / "masks")
-    assert [p.name for p in paths] == ["mask_f0000.png", "mask_f0001.png"]
-    with Image.open(paths[1]) as image:
-        assert image.mode == "L" and image.size == (128, 64)  # short side 8 -> 64
+    path = save_masks(masks, tmp_path / "masks.png")
+    with Image.open(path) as image:
+        assert image.mode == "L" and image.size == (2 * 128 + 2, 64)  # short side 8 -> 64, a 2-pixel line
         pixels = np.asarray(image)
-    assert pixels[:, :64].max() == 0 and pixels[:, 64:].min() == 255
+    assert pixels[:, :128].max() == 0 and pixels[:, 128:130].min() == 128
+    assert pixels[:, 130:194].max() == 0 and pixels[:, 194:].min() == 255
 
 
-def test_save_masks_per_step(tmp_path):
-    paths = save_masks(np.full((2, 3, 64, 64), 0.5), tmp_path / "masks")
-    assert [p.name for p in paths][:4] == [
-        "step_0000_f0000.png",
-        "step_0000_f0001.png",
-        "step_0000_f0002.png",
-        "step_0001_f0000.png",
-    ]
-    assert len(paths) == 6
-    with Image.open(paths[0]) as image:
-        assert image.size == (64, 64)
+def test_save_masks_per_step_is_one_picture(tmp_path):
+    masks = np.zeros((2, 3, 64, 64))
+    masks[1, 2] = 1
+    path = save_masks(masks, tmp_path / "masks.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.png"]
+    with Image.open(path) as image:
+        assert image.size == (3 * 66 - 2, 2 * 66 - 2)  # a column per frame, a row per step
+        pixels = np.asarray(image)
+    assert pixels[66:, 132:].min() == 255 and pixels[:64, :64].max() == 0
 
 
 def test_sample_clip_is_deterministic_and_moves():
@@ -316,7 +314,7 @@ def test_unwritable_output(tmp_path):
     clip = smooth_clip(frames=2, height=16, width=16)
     assert_input_error(lambda: save_video(clip, blocker / "out" / "edit.mp4"), "not writable")
     assert_input_error(lambda: save_frames(clip, blocker / "out"), "not writable")
-    assert_input_error(lambda: save_masks(torch.zeros(2, 8, 8), blocker / "out"), "not writable")
+    assert_input_error(lambda: save_masks(torch.zeros(2, 8, 8), blocker / "out.png"), "not writable")
 
 
 def test_unsupported_output_extension(tmp_path):

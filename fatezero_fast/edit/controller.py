@@ -16,7 +16,7 @@ each UNet call in a step of this controller. Options carry the official config n
         with ctl.edit_step(j, z):                           # batch: [uncond, target], F frames each
             eps = unet(torch.cat([z, z]), t, encoder_hidden_states=embeddings).sample
         z = scheduler.step(<guided eps>, t, z).prev_sample
-        z = ctl.blend_latents(j, z, inverted[T - j])        # inverted[k] = z_k, inverted[0] = z_0
+        z = ctl.blend_latents(j, z, inverted[T - j])        # docs/semantics.md §8; inverted[k] = z_k, inverted[0] = z_0
 
 The edited (target) branch must be the last of the batch. With store="recompute" nothing is
 kept per layer, and at the steps where `ctl.uses_source(j)` the batch must start with the source

@@ -1,10 +1,10 @@
 """FateZeroPipeline: DDIM inversion with the source prompt, then edits that fuse its attention.
 
-One inversion serves any number of edits (FATEZERO.md items 2 and 4). The source attention is
+One inversion serves any number of edits (docs/semantics.md §2, §4). The source attention is
 not stored: each editing step re-evaluates the source branch on the stored inversion latent
 with the source prompt in the same UNet batch as the edit ("recompute"), which is the very
 computation that produced the inversion maps; it runs only as far into the UNet, and at only
-the steps, that the fusion needs (fatezero_fast.source_branch). Only the latents and, per step,
+the steps, that the fusion needs (unet/source_exit.py). Only the latents and, per step,
 the head- and layer-averaged 16x16 cross maps needed by the blend masks are kept.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..errors import InputError
 from ..semantics.ddim import ddim_inversion_step
 from ..semantics.masks import blend_latents
 from ..semantics.plan import EditOptions
-from ..stores import AttentionStore, make_store
+from ..semantics.tokens import fit_prompt
+from ..stores import AttentionStore
 from ..unet.chunk_size import auto_chunk_size
 from ..unet.processors import VideoAttentionConfig, install
 from ..unet.runner import streaming_unet
@@ -29,35 +30,33 @@ from ..unet.shard import FrameShard, shard_from_env
 from ..unet.source_exit import drop_source_branch, source_exit_block
 from .controller import FateZeroController
 from .inversion import Inversion
+from .run_config import RunConfig, check_edit, check_steps
 from .steps import new_steps
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device for a user's choice; a clear error when CUDA is asked for but absent."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but this torch has no CUDA device: use --device cpu")
-    return device
+def check_model_folder(folder: str | Path) -> Path:
+    """A local diffusers-format Stable Diffusion folder with all of COMPONENTS, or InputError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--model folder not found: {folder} (give a local diffusers-format Stable Diffusion folder)")
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise InputError(f"--model folder {folder} lacks {', '.join(missing)}: a diffusers-format folder has "
+                         f"{', '.join(COMPONENTS)}")
+    return folder
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+def _checked_run(run: RunConfig | None, **changes) -> RunConfig:
+    """The pipeline's run configuration: `run` (default: fp32) with the keyword overrides, checked."""
+    return (run or RunConfig(dtype="fp32")).with_(**changes)
 
 
-def _check_chunk_size(chunk_size: int | str | None) -> int | str | None:
-    if chunk_size is None or chunk_size == "auto":
-        return chunk_size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise InputError(f"chunk_size must be a positive number of frames, 'auto' (from the free GPU memory) "
-                         f"or None (all at once), got {chunk_size!r}")
-    return chunk_size
+def _with_checked_run(kwargs: dict) -> dict:
+    """Constructor keywords with their run configuration built, so that it is checked first."""
+    changes = {k: kwargs.pop(k) for k in ("attention", "device", "dtype", "chunk_size") if k in kwargs}
+    return dict(kwargs, run=_checked_run(kwargs.pop("run", None), **changes))
 
 
 @contextlib.contextmanager
@@ -83,20 +82,20 @@ class EditResult:
 class FateZeroPipeline:
     """Stable Diffusion components made into FateZero's video model (see `processors.install`)."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *,
-                 attention: VideoAttentionConfig | None = None, device=None, dtype=torch.float32,
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *, run: RunConfig | None = None,
+                 attention: VideoAttentionConfig | None = None, device=None, dtype=None,
                  chunk_size: int | str | None = None):
-        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        # frames per branch that go through the UNet at once (fatezero_fast.streaming); None: all at once;
-        # "auto": chosen per call shape from the free GPU memory (fatezero_fast.chunking)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        """`run` says how to run (edit.run_config); attention, device, dtype (default fp32) and
+        chunk_size, when given, override its fields."""
+        self.run = _checked_run(run, attention=attention, device=device, dtype=dtype, chunk_size=chunk_size)
+        self.device, self.dtype = self.run.device, self.run.dtype
         self._auto_chunks: dict[tuple, int | None] = {}
         with _quiet_diffusers():  # its dtype-cast notice is not about anything the user did
             self.vae = vae.to(self.device, self.dtype).eval()
             self.unet = unet.to(self.device, self.dtype).eval()
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
         self.tokenizer, self.scheduler = tokenizer, scheduler
-        self.state = install(self.unet, attention or VideoAttentionConfig())
+        self.state = install(self.unet, self.run.attention)
         self.shard: FrameShard | None = None  # frames split over ranks (distribute)
 
     def distribute(self, group=None) -> bool:
@@ -110,26 +109,30 @@ class FateZeroPipeline:
     def _shows_progress(self, progress: bool) -> bool:
         return progress and (self.shard is None or self.shard.rank == 0)
 
+    @property
+    def chunk_size(self) -> int | str | None:
+        """Frames per branch that go through the UNet at once (unet/runner.py); None: all at once;
+        "auto": chosen per call shape from the free GPU memory (unet.chunk_size)."""
+        return self.run.chunk_size
+
     # -- construction
     @classmethod
     def from_pretrained(cls, folder: str | Path, **kwargs) -> "FateZeroPipeline":
         """Load a local diffusers-format Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers.utils import is_accelerate_available
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise InputError(f"model folder not found: {folder} (give a local diffusers-format Stable Diffusion folder)")
-        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-        if missing:
-            raise InputError(f"model folder {folder} lacks {', '.join(missing)}: a diffusers-format folder has "
-                             f"{', '.join(COMPONENTS)}")
+        kwargs = _with_checked_run(kwargs)  # bad options fail before anything is loaded
+        folder = check_model_folder(folder)
         loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer,
                        unet=UNet2DConditionModel, scheduler=DDIMScheduler)
+        # without accelerate diffusers would warn once per model that it cannot load with low memory
+        low_memory = {name: dict(low_cpu_mem_usage=is_accelerate_available()) for name in ("vae", "unet")}
         parts = {}
         for name, loader in loaders.items():
             try:
-                parts[name] = loader.from_pretrained(folder / name)
+                parts[name] = loader.from_pretrained(folder / name, **low_memory.get(name, {}))
             except Exception as exc:  # a broken component: name it, not a deep traceback
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputError(f"cannot load {name} from {folder / name}: {first}") from exc
@@ -140,6 +143,7 @@ class FateZeroPipeline:
         """The embedded default: a small random-weight model of SD's architecture (outputs are noise-like)."""
         from ..models import random_components
 
+        kwargs = _with_checked_run(kwargs)  # bad options fail before the model is built
         return cls(**random_components("tiny", seed), **kwargs)
 
     # -- building blocks
@@ -176,8 +180,7 @@ class FateZeroPipeline:
         return frames
 
     def _timesteps(self, num_inference_steps: int):
-        if num_inference_steps <= 0:
-            raise InputError(f"num_inference_steps must be positive, got {num_inference_steps}")
+        check_steps(num_inference_steps)
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(num_inference_steps)
         return scheduler, scheduler.timesteps
@@ -188,10 +191,10 @@ class FateZeroPipeline:
         """One UNet call on branches of F frames each, branch b conditioned on embeddings[b].
 
         With chunk_size, the call runs layer-major over chunks of that many frames per branch
-        (fatezero_fast.streaming): the same result, device memory bounded by the chunk; `progress`
+        (unet/runner.py): the same result, device memory bounded by the chunk; `progress`
         shows a bar over the chunks of the call when there are several. With drop_first_branch_at
         = i, branch 0 leaves the batch before up_blocks[i] and is not in the output
-        (fatezero_fast.source_branch)."""
+        (unet/source_exit.py)."""
         f = branches[0].shape[0]
         if chunk_size == "auto":
             chunk_size = self.auto_chunk_size(f, len(branches), tuple(branches[0].shape[-2:]))
@@ -218,25 +221,29 @@ class FateZeroPipeline:
     # -- the two phases
     @torch.no_grad()
     def invert(self, video: torch.Tensor | None = None, source_prompt: str = "", num_inference_steps: int = 50,
-               *, latents: torch.Tensor | None = None, seed: int = 0, store: AttentionStore | str = "recompute",
+               *, latents: torch.Tensor | None = None, seed: int = 0, store: AttentionStore | str | None = None,
                progress: bool = True, chunk_size: int | str | None = None,
-               latents_dtype: str | torch.dtype | None = None, latents_folder: str | Path | None = None) -> Inversion:
+               latents_dtype: str | torch.dtype | None = None, latents_folder: str | Path | None = None,
+               store_folder: str | Path | None = None) -> Inversion:
         """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt.
 
-        `store` keeps the source attention for the edits: a form name of fatezero_fast.store.FORMS
-        or an AttentionStore (for placement, rank, ...). `chunk_size` (default: the pipeline's)
-        runs the UNet over that many frames at a time, exactly (fatezero_fast.streaming); "auto"
+        `store` keeps the source attention for the edits: an AttentionStore, or a form name of
+        stores.FORMS made as the run config says (default: its form; a disk store in `store_folder`). `chunk_size` (default: the pipeline's)
+        runs the UNet over that many frames at a time, exactly (unet/runner.py); "auto"
         picks it from the free GPU memory. The latents of every step are kept in `latents_dtype`
         (default: the model's, exactly what the steps computed; "fp16" halves an fp32 model's), in
         host memory or, with `latents_folder`, one file per step there (read back a step at a time),
         and so are the source token maps of the mask level (in its token_maps/).
         """
-        chunk_size = self.chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
-        store = make_store(store) if isinstance(store, str) else store
-        keep_dtype = self.dtype if latents_dtype is None else resolve_dtype(latents_dtype)
+        run = self.run.with_(chunk_size=chunk_size, latents_dtype=latents_dtype,
+                             store=store if isinstance(store, str) else None,
+                             latents_placement="disk" if latents_folder is not None else None)
+        chunk_size, keep_dtype = run.chunk_size, run.keep_dtype
         if (video is None) == (latents is None):
             raise InputError("give exactly one of video= or latents= to invert")
+        source_prompt = fit_prompt(source_prompt, self.tokenizer, "source")
         scheduler, timesteps = self._timesteps(num_inference_steps)
+        store = run.make_store(store_folder) if store is None or isinstance(store, str) else store
         if latents is None:
             generator = torch.Generator(self.device).manual_seed(seed)
             latents = self.encode_video(video, generator)
@@ -267,11 +274,12 @@ class FateZeroPipeline:
     def edit(self, inversion: Inversion, target_prompt: str, options: EditOptions | None = None, *,
              decode: bool = True, progress: bool = True, chunk_size: int | None = None,
              **option_kwargs) -> EditResult:
-        """Denoise from the inversion with the target prompt, fusing the source attention (items 4-8).
+        """Denoise from the inversion with the target prompt, fusing the source attention (docs/semantics.md §4-§8).
 
         `chunk_size` (default: the pipeline's) runs the UNet over that many frames at a time, exactly."""
-        chunk_size = self.chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
+        chunk_size = self.run.with_(chunk_size=chunk_size).chunk_size
         options = options or EditOptions(**option_kwargs)
+        target_prompt = check_edit(target_prompt, options, self.tokenizer)
         steps = inversion.num_inference_steps
         scheduler, timesteps = self._timesteps(steps)
         ctl = FateZeroController.for_state(self.state, self.tokenizer, inversion.source_prompt, steps,

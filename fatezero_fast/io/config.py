@@ -7,12 +7,14 @@ not apply to plain SD weights (lora, temporal_downsample_time, ...) are accepted
 """
 from __future__ import annotations
 
+import difflib
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from ..errors import InputError
+from ..errors import FateZeroWarning, InputError
 from ..semantics.plan import EditOptions
 from ..unet.processors import VideoAttentionConfig
 
@@ -21,12 +23,21 @@ _EDIT_KEYS = {f.name for f in fields(EditOptions)} - {"guidance_scale"}
 _IGNORED_EDIT_KEYS = {"use_inversion_attention", "save_self_attention", "disk_store"}
 _VIDEO_KEYS = {"path", "prompt", "n_sample_frame", "sampling_rate", "start_sample_frame", "offset"}
 _IGNORED_VIDEO_KEYS = {"stride", "image_size", "crop", "image_mode", "class_data_root", "class_prompt_ids"}
+_TOP_KEYS = {"pretrained_model_path", "dataset_config", "editing_config", "model_config", "seed"}
+_IGNORED_TOP_KEYS = {"logdir", "train_steps", "validation_sample_logger_config", "test_pipeline_config",
+                     "trainer_pipeline_config", "train_dataset", "learning_rate", "gradient_accumulation_steps",
+                     "enable_xformers", "mixed_precision", "use_8bit_adam", "checkpointing_steps", "train_batch_size"}
+_EDITING_KEYS = {"editing_prompts", "p2p_config", "num_inference_steps", "guidance_scale",
+                 "use_inversion_attention", "use_invertion_latents", "editing_type", "clip_length",
+                 "sample_seeds", "num_warmup_steps", "strength", "test_steps"}
+_MODEL_KEYS = {"SparseCausalAttention_index", "least_sc_channel", "lora", "temporal_downsample_time",
+               "lora_alpha", "use_temporal_conv", "temporal_conv_type"}
 
 
 @dataclass
 class VideoSpec:
     path: str | None = None
-    n_sample_frame: int = 8
+    n_sample_frame: int | None = None  # None: what the clip has, up to DEFAULT_FRAMES
     sampling_rate: int = 1
     start_sample_frame: int = 0
     offset: dict | None = None
@@ -35,8 +46,8 @@ class VideoSpec:
 
 
 @dataclass
-class RunConfig:
-    """Everything one `fatezero-fast edit` run needs."""
+class JobConfig:
+    """What one `fatezero-fast edit` run does: model, clip, prompts, edits (from flags or a config)."""
 
     model: str | None = None
     video: VideoSpec = field(default_factory=VideoSpec)
@@ -46,6 +57,19 @@ class RunConfig:
     attention: VideoAttentionConfig = field(default_factory=VideoAttentionConfig)
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    from_config: set[str] = field(default_factory=set)  # the keys the config set (dataset_config.path, ...)
+
+
+def unknown_keys(section: dict, known: set, where: str) -> None:
+    """A warning per key of `section` outside `known`, naming the closest known key."""
+    for key in sorted(set(section) - known, key=str):
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]!r}?" if close else ""
+        warnings.warn(f"{where}key {key!r} is not a FateZero config key and is ignored{hint}", FateZeroWarning)
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -55,17 +79,16 @@ def _section(raw: dict, name: str) -> dict:
     return value
 
 
-def edit_options(entry: dict | None, guidance_scale: float, where: str, notes: list[str]) -> EditOptions:
+def edit_options(entry: dict | None, guidance_scale: float, where: str) -> EditOptions:
     """EditOptions from one p2p_config entry (official key names)."""
     entry = dict(entry or {})
-    for key in sorted(set(entry) - _EDIT_KEYS):
-        if key not in _IGNORED_EDIT_KEYS:
-            notes.append(f"{where}: key {key!r} is not used by fatezero-fast and is ignored")
+    unknown_keys(entry, _EDIT_KEYS | _IGNORED_EDIT_KEYS, f"{where}: ")
+    for key in set(entry) - _EDIT_KEYS:
         entry.pop(key)
     return EditOptions(guidance_scale=guidance_scale, **entry)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path) -> JobConfig:
     """Read an official FateZero config file; bad values raise InputError, inapplicable keys add notes."""
     path = Path(path)
     if not path.is_file():
@@ -78,10 +101,13 @@ def load_config(path: str | Path) -> RunConfig:
         raise InputError(f"config {path} must be a YAML mapping")
     notes: list[str] = []
     data, editing, model = (_section(raw, n) for n in ("dataset_config", "editing_config", "model_config"))
-
-    for key in sorted(set(data) - _VIDEO_KEYS - _IGNORED_VIDEO_KEYS):
-        notes.append(f"dataset_config: key {key!r} is not used and is ignored")
-    video = VideoSpec(path=data.get("path"), n_sample_frame=int(data.get("n_sample_frame", 8)),
+    unknown_keys(raw, _TOP_KEYS | _IGNORED_TOP_KEYS, "")
+    unknown_keys(data, _VIDEO_KEYS | _IGNORED_VIDEO_KEYS, "dataset_config: ")
+    unknown_keys(editing, _EDITING_KEYS, "editing_config: ")
+    unknown_keys(model, _MODEL_KEYS, "model_config: ")
+    from_config = {f"dataset_config.{k}" for k in data} | {f"editing_config.{k}" for k in editing} | \
+        {f"model_config.{k}" for k in model} | {k for k in raw if not isinstance(raw[k], dict)}
+    video = VideoSpec(path=data.get("path"), n_sample_frame=_int_or_none(data.get("n_sample_frame")),
                       sampling_rate=int(data.get("sampling_rate", 1)),
                       start_sample_frame=int(data.get("start_sample_frame", 0) or 0), offset=data.get("offset"))
     if "image_size" in data:
@@ -90,7 +116,7 @@ def load_config(path: str | Path) -> RunConfig:
     attention = VideoAttentionConfig(
         sparse_causal_index=model.get("SparseCausalAttention_index", [-1, "first"]),
         least_sc_channel=model.get("least_sc_channel"))
-    for key in sorted(set(model) - {"SparseCausalAttention_index", "least_sc_channel"}):
+    for key in sorted(set(model) & _MODEL_KEYS - {"SparseCausalAttention_index", "least_sc_channel"}):
         notes.append(f"model_config: {key!r} does not apply to plain Stable Diffusion weights and is ignored")
 
     guidance = float(editing.get("guidance_scale", 7.5))
@@ -103,10 +129,14 @@ def load_config(path: str | Path) -> RunConfig:
         entry = p2p.get(i, p2p.get(str(i)))
         if entry is None:
             notes.append(f"p2p_config has no entry {i}: editing prompt {i} uses the defaults")
-        edits.append((prompt, edit_options(entry, guidance, f"p2p_config[{i}]", notes)))
+        edits.append((prompt, edit_options(entry, guidance, f"p2p_config[{i}]")))
     if editing.get("use_inversion_attention") is False:
         notes.append("use_inversion_attention: false is not supported; inversion attention is used")
-    return RunConfig(model=raw.get("pretrained_model_path"), video=video, source_prompt=data.get("prompt", ""),
+    if not raw.get("pretrained_model_path"):
+        raise InputError(f"config {path} has no pretrained_model_path: add it (a local diffusers-format Stable "
+                         f"Diffusion folder) or pass --model")
+    return JobConfig(model=str(raw["pretrained_model_path"]), video=video, source_prompt=data.get("prompt", ""),
                      edits=edits, num_inference_steps=int(editing.get("num_inference_steps", 50)),
-                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes)
+                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes,
+                     from_config=from_config)
 

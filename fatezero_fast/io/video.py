@@ -24,7 +24,8 @@ GIF_EXTENSIONS = (".gif",)
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
 OFFSET_KEYS = ("left", "right", "top", "bottom")
 MIN_MASK_SIDE = 64
-INPUT_HINT = "give an existing .mp4/.gif/.webm/.mov file or a folder of PNG/JPG frames"
+INPUT_HINT = "give an existing .mp4/.gif/.webm/.mov file, a PNG/JPG image or a folder of PNG/JPG frames"
+DEFAULT_FRAMES = 8  # frames taken when n_sample_frame is None (fewer when the clip has fewer)
 
 
 # ----------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ INPUT_HINT = "give an existing .mp4/.gif/.webm/.mov file or a folder of PNG/JPG 
 def load_video(
     path: str | os.PathLike,
     *,
-    n_sample_frame: int = 8,
+    n_sample_frame: int | None = None,
     sampling_rate: int = 1,
     start_sample_frame: int = 0,
     offset: Mapping[str, int] | None = None,
@@ -42,21 +43,20 @@ def load_video(
 ) -> torch.Tensor:
     """Load a clip as a float32 tensor of shape (F, 3, height, width) in [-1, 1].
 
-    ``path`` is a video file (.mp4/.gif/.webm/.mov) or a folder of .png/.jpg/.jpeg frames
-    (sorted by file name, other files ignored). Frame ``start_sample_frame + i * sampling_rate``
-    is taken for ``i in range(n_sample_frame)``; a negative ``n_sample_frame`` takes all frames
-    from the start with that rate. Each frame is cropped by ``offset`` (left/right/top/bottom
+    ``path`` is a video file (.mp4/.gif/.webm/.mov), one .png/.jpg/.jpeg image (a one-frame clip)
+    or a folder of such frames (sorted by file name, other files ignored). Frame
+    ``start_sample_frame + i * sampling_rate`` is taken for ``i in range(n_sample_frame)``; -1
+    takes all frames from the start with that rate, None what the clip has up to DEFAULT_FRAMES. Each frame is cropped by ``offset`` (left/right/top/bottom
     pixels, clipped like the official FateZero code), scaled so it covers width x height
     (bilinear, antialiased) and center-cropped to exactly height x width.
     """
     check_size(width, height)
     crop = _check_offset(offset)
-    if n_sample_frame == 0:
-        raise InputError("n_sample_frame is 0: use a positive number of frames, or -1 for all frames")
+    check_frames(n_sample_frame)
     if sampling_rate < 1:
-        raise InputError(f"sampling_rate {sampling_rate} must be at least 1: use e.g. 1")
+        raise InputError(f"--sampling-rate {sampling_rate} must be at least 1: use e.g. 1")
     if start_sample_frame < 0:
-        raise InputError(f"start_sample_frame {start_sample_frame} is negative: use 0 or more")
+        raise InputError(f"--start-frame {start_sample_frame} is negative: use 0 or more")
 
     path = Path(path)
     frame_source = _open_frames(path)
@@ -72,6 +72,13 @@ def load_video(
     video = video.permute(0, 3, 1, 2).float()
     video = _cover_and_center_crop(video, width, height)
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
+
+
+def check_frames(n_sample_frame: int | None) -> None:
+    """Raise InputError unless the number of frames is None, -1 or at least 1."""
+    if n_sample_frame is not None and (not isinstance(n_sample_frame, int) or n_sample_frame == 0
+                                       or n_sample_frame < -1):
+        raise InputError(f"--frames {n_sample_frame} must be a positive number of frames, or -1 for all frames")
 
 
 def check_size(width: int, height: int) -> None:
@@ -108,6 +115,8 @@ def _open_frames(path: Path) -> Iterator[np.ndarray]:
         return iio.imiter(path, plugin="FFMPEG")
     if suffix in GIF_EXTENSIONS:
         return iio.imiter(path, plugin="pillow", mode="RGB")
+    if suffix in FRAME_EXTENSIONS:  # one image: an image edit
+        return iter([_read_image(path)])
     raise InputError(f"unsupported video format '{suffix or path.name}': {path} ({INPUT_HINT})")
 
 
@@ -139,9 +148,11 @@ def _read_image(file: Path) -> np.ndarray:
 
 
 def _select_frames(
-    frames: Iterator[np.ndarray], path: Path, n_sample_frame: int, sampling_rate: int, start: int
+    frames: Iterator[np.ndarray], path: Path, n_sample_frame: int | None, sampling_rate: int, start: int
 ) -> list[np.ndarray]:
     """Keep frames start, start + rate, ...; stop early once n_sample_frame are taken."""
+    up_to = n_sample_frame is None
+    n_sample_frame = DEFAULT_FRAMES if up_to else n_sample_frame
     picked = []
     total = 0
     for index, frame in enumerate(frames):
@@ -150,13 +161,13 @@ def _select_frames(
             picked.append(frame)
             if len(picked) == n_sample_frame:
                 return picked
-    if n_sample_frame < 0 and picked:
+    if (n_sample_frame < 0 or up_to) and picked:
         return picked
     needed = start + (max(n_sample_frame, 1) - 1) * sampling_rate + 1
     raise InputError(
-        f"video {path} has {total} frames but {needed} are needed (start_sample_frame={start},"
-        f" n_sample_frame={n_sample_frame}, sampling_rate={sampling_rate}):"
-        " lower n_sample_frame/sampling_rate/start_sample_frame or use a longer video"
+        f"video {path} has {total} frames but {needed} are needed (--start-frame {start},"
+        f" --frames {n_sample_frame}, --sampling-rate {sampling_rate}):"
+        " lower --frames, --sampling-rate or --start-frame, or use a longer video"
     )
 
 
@@ -228,33 +239,28 @@ def save_frames(frames: torch.Tensor | np.ndarray, folder: str | os.PathLike) ->
     return paths
 
 
-def save_masks(masks: torch.Tensor | np.ndarray, folder: str | os.PathLike) -> list[Path]:
-    """Write attention masks in [0, 1] as grayscale PNGs.
+def save_masks(masks: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
+    """Write blend masks in [0, 1] as one grayscale PNG: a row per step, a column per frame.
 
-    ``masks`` is (F, h, w), saved as mask_f0000.png, ..., or (steps, F, h, w), saved as
-    step_0000_f0000.png, ...; small masks are nearest-upscaled so the short side is at least
-    64 pixels.
+    ``masks`` is (F, h, w) (one row) or (steps, F, h, w); small masks are nearest-upscaled so
+    the short side of each is at least 64 pixels, and a 2-pixel gray line separates them.
     """
     masks = torch.as_tensor(masks).detach().float().cpu()
-    if masks.dim() not in (3, 4):
+    if masks.dim() == 3:
+        masks = masks[None]
+    if masks.dim() != 4:
         raise InputError(f"masks have shape {tuple(masks.shape)}: expected (F, h, w) or (steps, F, h, w)")
-    folder = Path(folder)
-    check_writable(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    check_writable(path)
     factor = math.ceil(MIN_MASK_SIDE / min(masks.shape[-2:]))
-    images = (masks.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    images = images.repeat(factor, axis=-2).repeat(factor, axis=-1)
-    paths = []
-    if images.ndim == 3:
-        for f, image in enumerate(images):
-            paths.append(folder / f"mask_f{f:04d}.png")
-            Image.fromarray(image, mode="L").save(paths[-1])
-    else:
-        for step, step_images in enumerate(images):
-            for f, image in enumerate(step_images):
-                paths.append(folder / f"step_{step:04d}_f{f:04d}.png")
-                Image.fromarray(image, mode="L").save(paths[-1])
-    return paths
+    cells = (masks.clamp(0, 1) * 255).round().to(torch.uint8)
+    cells = cells.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    cells = F.pad(cells, (0, 2, 0, 2), value=128)  # a gray line right of and below each mask
+    steps, frames, h, w = cells.shape
+    grid = cells.permute(0, 2, 1, 3).reshape(steps * h, frames * w)[:-2, :-2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.numpy(), mode="L").save(path)
+    return path
 
 
 def side_by_side(source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:

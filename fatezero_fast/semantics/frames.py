@@ -1,4 +1,4 @@
-"""Sparse-causal attention's index list: which frames each frame's self-attention reads (docs/semantics.md §3)."""
+"""Sparse-causal attention's index list: which frames each frame's self-attention reads (docs/semantics.md §1)."""
 from __future__ import annotations
 
 from typing import Sequence, Union

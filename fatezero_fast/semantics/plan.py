@@ -120,7 +120,7 @@ class EditPlan:
             latent_blend_window=(int(0.2 * num_steps), int(0.8 * num_steps)),
         )
 
-    # item 5
+    # docs/semantics.md §5
     def fuse_cross(self, p_src: torch.Tensor, p_edit: torch.Tensor, step: int) -> torch.Tensor:
         """Cross-attention fusion P = a_j * base + (1 - a_j) * P_edit, maps (..., 77)."""
         dev, dt = p_edit.device, p_edit.dtype
@@ -139,7 +139,7 @@ class EditPlan:
         """Does step `step` mix any source into the cross maps? (With every alpha 0 the fusion is P_edit.)"""
         return bool(self.cross_alpha[step].any())
 
-    # item 6
+    # docs/semantics.md §6
     def replaces_self(self, step: int) -> bool:
         return self.self_window[0] <= step < self.self_window[1]
 

@@ -14,7 +14,7 @@ from .tokens import MAX_TOKENS, word_token_indices
 Bounds = Union[float, Sequence[float]]
 
 
-# --- schedules (item 5, item 6) ----------------------------------------------------------------
+# --- schedules (docs/semantics.md §5, §6) ----------------------------------------------------------------
 
 def _bounds(value: Bounds, name: str) -> tuple[float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -29,7 +29,7 @@ def _bounds(value: Bounds, name: str) -> tuple[float, float]:
 
 
 def cross_replace_alpha(target_prompt: str, num_steps: int, cross_replace_steps, tokenizer) -> torch.Tensor:
-    """(T+1, 77) per-step, per-token weight of the source map in cross-attention (item 5).
+    """(T+1, 77) per-step, per-token weight of the source map in cross-attention (docs/semantics.md §5).
 
     cross_replace_steps: a float f (steps [0, f)), a (start, end) pair, or a dict with `default_`
     (all tokens) and per-word entries for words of the target prompt. Rows cover T+1 steps:
@@ -59,6 +59,6 @@ def cross_replace_alpha(target_prompt: str, num_steps: int, cross_replace_steps,
 
 
 def self_replace_window(num_steps: int, self_replace_steps: Bounds) -> tuple[int, int]:
-    """Editing steps [int(T*s0), int(T*s1)) whose controlled self-attention uses the source (item 6)."""
+    """Editing steps [int(T*s0), int(T*s1)) whose controlled self-attention uses the source (docs/semantics.md §6)."""
     start, end = _bounds(self_replace_steps, "self_replace_steps")
     return int(num_steps * start), int(num_steps * end)

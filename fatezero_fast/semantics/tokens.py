@@ -15,6 +15,32 @@ from ..errors import InputError, warn_fatezero
 MAX_TOKENS = 77  # CLIP's context length: every map has this many token columns
 
 
+def token_count(text: str, tokenizer) -> int:
+    """CLIP tokens of `text` with BOS and EOS (tokenize() does not warn about long texts)."""
+    return len(tokenizer.tokenize(text)) + 2
+
+
+def fit_prompt(prompt: str, tokenizer, what: str) -> str:
+    """`prompt` cut after its last word that fits CLIP's 77 tokens, as Stable Diffusion truncates.
+
+    The warning names the dropped words; blend and eq words among them then do not occur in the
+    prompt, so they warn and are ignored like any absent word (docs/semantics.md §5)."""
+    if token_count(prompt, tokenizer) <= MAX_TOKENS:
+        return prompt
+    words = prompt.split(" ")
+    keep, too_many = 0, len(words)  # words[:keep] fits, words[:too_many] does not
+    while too_many - keep > 1:
+        middle = (keep + too_many) // 2
+        if token_count(" ".join(words[:middle]), tokenizer) <= MAX_TOKENS:
+            keep = middle
+        else:
+            too_many = middle
+    dropped = " ".join(words[keep:])
+    warn_fatezero(f"the {what} prompt has {token_count(prompt, tokenizer)} CLIP tokens, more than {MAX_TOKENS}: "
+                  f"it is cut as Stable Diffusion does, dropping the words {dropped!r}")
+    return " ".join(words[:keep])
+
+
 # --- word -> token indices (ptp_utils.get_word_inds) -------------------------------------------
 
 def word_token_indices(text: str, word: Union[str, int], tokenizer) -> list[int]:
@@ -57,11 +83,11 @@ def word_weights(prompt: str, words: Sequence[str], tokenizer, what: str) -> tor
 # --- token mappers (seq_aligner) ---------------------------------------------------------------
 
 def replacement_mapper(source: str, target: str, tokenizer) -> torch.Tensor:
-    """(77, 77) word-swap mapper: P_base = P_src @ mapper (item 5, replace).
+    """(77, 77) word-swap mapper: P_base = P_src @ mapper (docs/semantics.md §5, replace).
 
     Swapped words map all their source tokens onto the target tokens (split evenly when the
     token counts differ). After the last swapped word the official code fills m[j, j] rather
-    than the aligned m[i, j]; kept here on purpose (FATEZERO.md, "Details").
+    than the aligned m[i, j]; kept here on purpose (docs/semantics.md, "Details").
     """
     words_x, words_y = source.split(" "), target.split(" ")
     if len(words_x) != len(words_y):
@@ -122,7 +148,7 @@ def _global_alignment(x: Sequence[int], y: Sequence[int]) -> list[int]:
 
 
 def refinement_mapper(source: str, target: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(77,) source column for each target token and (77,) alphas (1 = aligned) (item 5, refine)."""
+    """(77,) source column for each target token and (77,) alphas (1 = aligned) (docs/semantics.md §5, refine)."""
     x, y = tokenizer.encode(source), tokenizer.encode(target)
     aligned = torch.tensor(_global_alignment(x, y), dtype=torch.long)
     alphas = torch.ones(MAX_TOKENS)

@@ -1,9 +1,8 @@
 """Attention stores: how the source attention captured at inversion reaches the edits.
 
-One interface, one class per form (../shared/DESIGN.md "Stores", FATEZERO.md "Where the memory
-goes"). Inversion writes each controlled layer's source attention through `capture_self` /
-`capture_cross`; editing reads it back with `self_source` / `cross_source` at the same
-inversion step. Forms:
+One interface, one class per form (docs/semantics.md, "Where the memory goes"). Inversion
+writes each controlled layer's source attention through `capture_self` / `capture_cross`;
+editing reads it back with `self_source` / `cross_source` at the same inversion step. Forms:
 
 - recompute: keeps nothing per layer; each edit step re-evaluates the source branch beside the
   edit in the same UNet batch (exact). `self_source` returns None: "take the batch's source".
@@ -14,7 +13,7 @@ inversion step. Forms:
   (rank-r factors of each self map, or the smallest rank within an error budget).
 
 Row ranges: captures and reads name the query frames [a, e) they hold (`frames`; default the
-whole clip), so chunked execution (fatezero_fast.streaming) hands the store one chunk at a time
+whole clip), so chunked execution (unet/runner.py) hands the store one chunk at a time
 and gets back one chunk at a time: device memory follows the chunk, not the clip. Each layer's
 per-frame tensors are whole-clip tensors in the store's placement, allocated at the first chunk.
 

@@ -4,7 +4,7 @@ A UNet call runs B branches of F frames, B*F rows. Estimated device bytes per ro
 the top level's activation A = h*w*C0 elements (h x w the latent, C0 = block_out_channels[0])
 times the model dtype's size:
 
-- chunked (unet.streaming, activations on the host between modules): the working set
+- chunked (unet/runner.py, activations on the host between modules): the working set
   of the module in flight, WORKING * A. The largest is a 64x64 transformer block of SD-1.4
   (GEGLU feed-forward 8*C0 wide, Q/K/V, the anchor frames' K/V, residuals) or a ResNet of the
   top up block (3*C0 input channels, GroupNorm upcast to fp32), plus the chunk being prefetched.
