@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import warnings
@@ -367,10 +368,18 @@ def _load_clip(job):
 
 
 def _load_pipeline(job, run):
+    pipe = _build_pipeline(job, run)
+    pipe.distribute()  # under torchrun: this rank's frames (docs/design.md, "Several GPUs")
+    return pipe
+
+
+def _build_pipeline(job, run):
     import torch
 
     from ..edit.pipeline import FateZeroPipeline
+    from ..unet.shard import shard_from_env
 
+    shard_from_env()  # under torchrun: the process group (and this rank's GPU) before the model loads
     if job.model is None:
         note("no --model given: using the built-in tiny model with RANDOM weights, so the frames are noise-like; "
              "pass --model /path/to/stable-diffusion-v1-4 (a local diffusers-format folder) for real edits")
@@ -423,8 +432,11 @@ def _settings(job, run, inversion=None) -> dict:
 
 
 def _staged(args, reads: dict):
-    from .output import StagedOutput
+    from ..unet.shard import is_main_process
+    from .output import RankOutput, StagedOutput
 
+    if not is_main_process():
+        return RankOutput()  # a multi-rank run: rank 0 writes --output
     return StagedOutput.open(args.output, args.overwrite, {k: v for k, v in reads.items() if v is not None})
 
 
@@ -433,6 +445,9 @@ def cmd_invert(args) -> None:
 
     job = _job(args)
     run = _run_config(args, job)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.store != "recompute":
+        raise InputError(f"--store {run.store} keeps each rank's frames on that rank, so a multi-rank run cannot "
+                         "save it: use --store recompute (the default), or invert and edit in one `edit` run")
     _default_size(job, args)
     _check_model(job)
     out = _staged(args, {"input video": job.video.path})
@@ -500,15 +515,22 @@ def cmd_edit(args) -> None:
 def _write_edits(pipe, inversion, job, args, out: Path, record) -> list[dict]:
     import torch
 
+    from ..unet.shard import is_main_process
     from .video import save_frames, save_masks, save_video, side_by_side
 
-    source = inversion.frames if inversion.frames is not None else pipe.decode_latents(inversion.latents[0])
-    save_video(source, out / "source.mp4", fps=args.fps)
+    writes = is_main_process()  # every rank edits; rank 0 decodes and writes
+    source = inversion.frames if inversion.frames is not None or not writes else \
+        pipe.decode_latents(inversion.latents[0])
+    if writes:
+        save_video(source, out / "source.mp4", fps=args.fps)
     summary = []
     for i, (prompt, options) in enumerate(job.edits):
         folder = out / f"edit_{i:02d}"
         with record.phase(f"edit_{i:02d}"):
             result = pipe.edit(inversion, prompt, options)
+        summary.append({"target_prompt": result.target_prompt, "folder": folder.name, "options": asdict(options)})
+        if not writes:
+            continue
         save_video(result.frames, folder / "edit.mp4", fps=args.fps)
         save_video(result.frames, folder / "edit.gif", fps=args.fps)
         save_frames(result.frames, folder / "frames")
@@ -517,7 +539,6 @@ def _write_edits(pipe, inversion, job, args, out: Path, record) -> list[dict]:
             save_masks(masks, folder / "masks" / f"{name}.png")
         if args.save_latents:
             torch.save(result.latents, folder / "latents.pt")
-        summary.append({"target_prompt": result.target_prompt, "folder": folder.name, "options": asdict(options)})
         print(f"edit {i}: {prompt!r} -> {args.output}/{folder.name}")
     return summary
 
@@ -557,13 +578,21 @@ def main(argv=None) -> int:
         parser.print_usage(sys.stderr)
         print("error: choose a command: edit, invert or info (see fatezero-fast --help)", file=sys.stderr)
         return 2
-    with warnings.catch_warnings():  # one line each on stderr; the caller's warning setup is left as it was
-        warnings.showwarning = _show_warning
+    from ..unet.shard import is_main_process
+
+    quiet = not is_main_process()  # under torchrun rank 0 speaks; the others only report their errors
+    stdout, stderr = sys.stdout, sys.stderr
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull:
+        warnings.showwarning = _show_warning  # one line each on stderr; the caller's setup is left as it was
+        if quiet:
+            sys.stdout = sys.stderr = devnull
         try:
             {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
         except InputError as exc:
-            print(f"error: {_name_flags(str(exc), getattr(args, 'from_config', set()))}", file=sys.stderr)
+            print(f"error: {_name_flags(str(exc), getattr(args, 'from_config', set()))}", file=stderr)
             return 2
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
     return 0
 
 

@@ -76,3 +76,19 @@ class StagedOutput:
                 folder.rmdir()
             except OSError:
                 break
+
+
+class RankOutput:
+    """Where a rank other than 0 of a multi-rank run puts what the run writes: a private temporary
+    folder, removed at the end whatever happens (rank 0 alone writes the user's --output)."""
+
+    def __init__(self):
+        self.path = Path(tempfile.mkdtemp(prefix="fatezero-fast-rank-"))
+        self.target = self.path
+
+    def commit(self) -> Path:
+        self.discard()
+        return self.target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
