@@ -123,7 +123,7 @@ def main() -> None:
         print(f"{what}: " + ", ".join(f"{w} rank(s) {t:.1f} s" for w, t in times.items()))
     record = dict(command="benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
                   environment=dict(device=f"CPU ({os.cpu_count()} cores)", platform=platform.platform(),
-                                   torch=torch.__version__),
+                                   torch=torch.__version__, load_average_1min=os.getloadavg()[0]),
                   assumed_sustained_flops=ASSUMED_FLOPS, links=LINKS, communication=rows, cpu_wall_s=walls,
                   note="speed-ups are projected from counted bytes and FLOPs under the stated link bandwidths "
                        "and sustained rate; no multi-GPU run has measured them yet")
