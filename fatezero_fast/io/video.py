@@ -116,7 +116,7 @@ def _open_frames(path: Path) -> Iterator[np.ndarray]:
     if suffix in GIF_EXTENSIONS:
         return iio.imiter(path, plugin="pillow", mode="RGB")
     if suffix in FRAME_EXTENSIONS:  # one image: an image edit
-        return iter([_read_image(path)])
+        return (_read_image(file) for file in [path])
     raise InputError(f"unsupported video format '{suffix or path.name}': {path} ({INPUT_HINT})")
 
 
