@@ -228,9 +228,9 @@ class FateZeroPipeline:
         """DDIM-invert a clip (F, 3, H, W) in [-1, 1] (or its latents (F, 4, h, w)) with the source prompt.
 
         `store` keeps the source attention for the edits: an AttentionStore, or a form name of
-        stores.FORMS made as the run config says (default: its form; a disk store in `store_folder`). `chunk_size` (default: the pipeline's)
-        runs the UNet over that many frames at a time, exactly (unet/runner.py); "auto"
-        picks it from the free GPU memory. The latents of every step are kept in `latents_dtype`
+        stores.FORMS made as the run config says (default: its form; a disk store in `store_folder`).
+        `chunk_size` (default: the pipeline's) runs the UNet over that many frames at a time,
+        exactly (unet/runner.py); "auto" picks it from the free GPU memory. The latents of every step are kept in `latents_dtype`
         (default: the model's, exactly what the steps computed; "fp16" halves an fp32 model's), in
         host memory or, with `latents_folder`, one file per step there (read back a step at a time),
         and so are the source token maps of the mask level (in its token_maps/).

@@ -499,6 +499,9 @@ def cmd_edit(args) -> None:
             pipe = _load_pipeline(job, run)
         steps = inversion.num_inference_steps if inversion is not None else job.num_inference_steps
         _check_edits(pipe, job, steps)
+        if inversion is not None and inversion.latents.shape[2] != pipe.unet.config.in_channels:
+            raise InputError(f"the inversion {args.inversion} has {inversion.latents.shape[2]}-channel latents but "
+                             f"the model takes {pipe.unet.config.in_channels}: use the model it was made with")
         if inversion is None:
             with record.phase("invert"):
                 inversion = _invert(pipe, clip, job, run, out.path / ".inversion")

@@ -46,9 +46,10 @@ def load_video(
     ``path`` is a video file (.mp4/.gif/.webm/.mov), one .png/.jpg/.jpeg image (a one-frame clip)
     or a folder of such frames (sorted by file name, other files ignored). Frame
     ``start_sample_frame + i * sampling_rate`` is taken for ``i in range(n_sample_frame)``; -1
-    takes all frames from the start with that rate, None what the clip has up to DEFAULT_FRAMES. Each frame is cropped by ``offset`` (left/right/top/bottom
-    pixels, clipped like the official FateZero code), scaled so it covers width x height
-    (bilinear, antialiased) and center-cropped to exactly height x width.
+    takes all frames from the start with that rate, None what the clip has up to DEFAULT_FRAMES.
+    Each frame is cropped by ``offset`` (left/right/top/bottom pixels, clipped like the official
+    FateZero code), scaled so it covers width x height (bilinear, antialiased) and center-cropped
+    to exactly height x width.
     """
     check_size(width, height)
     crop = _check_offset(offset)
@@ -116,7 +117,7 @@ def _open_frames(path: Path) -> Iterator[np.ndarray]:
     if suffix in GIF_EXTENSIONS:
         return iio.imiter(path, plugin="pillow", mode="RGB")
     if suffix in FRAME_EXTENSIONS:  # one image: an image edit
-        return iter([_read_image(path)])
+        return (_read_image(file) for file in [path])
     raise InputError(f"unsupported video format '{suffix or path.name}': {path} ({INPUT_HINT})")
 
 
