@@ -17,16 +17,17 @@ from ..errors import InputError
 from ..unet.processors import VideoAttentionConfig
 from .choices import DTYPE_NAMES, LATENTS_PLACEMENTS, STORE_FORMS, STORE_PLACEMENTS
 
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
+# fp64 is for the Python API's exactness runs (float64 models); the CLI offers DTYPE_NAMES
+DTYPES = {**dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16))), "fp64": torch.float64}
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def dtype_name(dtype: str | torch.dtype) -> str:
-    """'fp32', 'fp16' or 'bf16' for a name or a torch dtype."""
+def dtype_name(dtype: str | torch.dtype, flag: str = "--dtype") -> str:
+    """'fp32', 'fp16', 'bf16' (or 'fp64') for a name or a torch dtype."""
     for name, value in DTYPES.items():
         if dtype in (name, value):
             return name
-    raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    raise InputError(f"{flag} {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -86,7 +87,7 @@ class RunConfig:
         dtype = self.dtype if self.dtype is not None else ("fp16" if device.type == "cuda" else "fp32")
         object.__setattr__(self, "dtype", DTYPES[dtype_name(dtype)])
         if self.latents_dtype is not None:
-            object.__setattr__(self, "latents_dtype", DTYPES[dtype_name(self.latents_dtype)])
+            object.__setattr__(self, "latents_dtype", DTYPES[dtype_name(self.latents_dtype, "--latents-dtype")])
         if not isinstance(self.attention, VideoAttentionConfig):
             raise InputError("attention must be a VideoAttentionConfig")
         check_chunk_size(self.chunk_size)
