@@ -22,6 +22,7 @@ from PIL import Image
 from fatezero_fast.edit.inversion import Inversion
 from fatezero_fast.errors import InputError
 from fatezero_fast.io.cli import build_parser, main
+from fatezero_fast.io.video import save_video
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "a red car driving down a road"
@@ -224,6 +225,10 @@ def test_api_raises_the_same_messages(work, tiny_pipeline, run):
     with pytest.raises(InputError) as api:
         tiny_pipeline.edit(inversion, " ", progress=False)
     assert str(api.value) == "--target-prompt is empty: give the prompt the edit should follow"
+    with pytest.raises(InputError) as api:
+        save_video(torch.zeros(1, 3, 8, 8), work / "x.mp4", fps=0)
+    done = run(work, "edit", "--inversion", "inv", "--target-prompt", TARGET, "-o", "o", "--fps", "0")
+    assert assert_refused(done) == f"error: {api.value}"
 
 
 # -- item 6 --------------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def dtype_name(dtype: str | torch.dtype) -> str:
-    """'fp32', 'fp16' or 'bf16' for a name or a torch dtype."""
-    for name, value in DTYPES.items():
-        if dtype in (name, value):
-            return name
-    raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+def check_dtype(dtype: str | torch.dtype, flag: str) -> torch.dtype:
+    """The torch dtype for fp32, fp16, bf16 or any floating torch dtype (float64 for exactness tests)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"{flag}: unknown dtype {dtype!r}, use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -84,9 +85,9 @@ class RunConfig:
         device = check_device(self.device)
         object.__setattr__(self, "device", device)
         dtype = self.dtype if self.dtype is not None else ("fp16" if device.type == "cuda" else "fp32")
-        object.__setattr__(self, "dtype", DTYPES[dtype_name(dtype)])
+        object.__setattr__(self, "dtype", check_dtype(dtype, "--dtype"))
         if self.latents_dtype is not None:
-            object.__setattr__(self, "latents_dtype", DTYPES[dtype_name(self.latents_dtype)])
+            object.__setattr__(self, "latents_dtype", check_dtype(self.latents_dtype, "--latents-dtype"))
         if not isinstance(self.attention, VideoAttentionConfig):
             raise InputError("attention must be a VideoAttentionConfig")
         check_chunk_size(self.chunk_size)

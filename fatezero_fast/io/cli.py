@@ -258,8 +258,9 @@ def _job(args):
 
 def _edits(args, job) -> None:
     """job.edits from --target-prompt (or the config's), with --guidance-scale and --fps checked."""
-    if getattr(args, "fps", 1) <= 0:
-        raise InputError(f"--fps must be positive, got {args.fps}")
+    from .video import check_fps
+
+    check_fps(args.fps)
     if args.guidance_scale is not None:
         job.from_config.discard("editing_config.guidance_scale")
         job.edits = [(p, replace(o, guidance_scale=args.guidance_scale)) for p, o in job.edits]
