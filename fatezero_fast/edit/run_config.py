@@ -126,13 +126,18 @@ def check_steps(steps) -> int:
     return steps
 
 
-def check_edit(target_prompt: str, options, tokenizer) -> str:
-    """Check one edit's prompt and guidance scale; the prompt cut to CLIP's 77 tokens (with a warning)."""
-    from ..semantics.tokens import fit_prompt
-
+def check_prompt_and_scale(target_prompt: str, options) -> None:
+    """One edit's target prompt is not empty and its guidance scale is a finite number."""
     if not isinstance(target_prompt, str) or not target_prompt.strip():
         raise InputError("--target-prompt is empty: give the prompt the edit should follow")
     scale = options.guidance_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InputError(f"--guidance-scale must be a finite number, got {scale!r}")
+
+
+def check_edit(target_prompt: str, options, tokenizer) -> str:
+    """Check one edit's prompt and guidance scale; the prompt cut to CLIP's 77 tokens (with a warning)."""
+    from ..semantics.tokens import fit_prompt
+
+    check_prompt_and_scale(target_prompt, options)
     return fit_prompt(target_prompt, tokenizer, "target")

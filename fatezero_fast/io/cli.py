@@ -11,7 +11,6 @@ only when the run succeeds (io.output), so a failed run leaves every earlier res
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 import warnings
@@ -257,30 +256,27 @@ def _job(args):
 
 
 def _edits(args, job) -> None:
-    """job.edits from --target-prompt (or the config's), with --guidance-scale and --fps checked."""
+    """job.edits from --target-prompt (or the config's), each checked, and --fps checked."""
+    from ..edit.run_config import check_prompt_and_scale
     from .video import check_fps
 
     check_fps(args.fps)
     if args.guidance_scale is not None:
         job.from_config.discard("editing_config.guidance_scale")
         job.edits = [(p, replace(o, guidance_scale=args.guidance_scale)) for p, o in job.edits]
-    scale = args.guidance_scale if args.guidance_scale is not None else 7.5
-    if not math.isfinite(scale):
-        raise InputError(f"--guidance-scale must be a finite number, got {scale}")
     if args.target_prompt:
         job.from_config.discard("editing_config.p2p_config")
-        options = _edit_options_from_flags(args, scale)
+        options = _edit_options_from_flags(args, 7.5 if args.guidance_scale is None else args.guidance_scale)
         job.edits = [(p, options) for p in args.target_prompt]
-    for prompt, _ in job.edits:
-        if not prompt.strip():
-            raise InputError("--target-prompt is empty: give the prompt the edit should follow")
+    for prompt, options in job.edits:
+        check_prompt_and_scale(prompt, options)
 
 
-def _run_config(args, job, device=None):
+def _run_config(args, job):
     """The run configuration (edit.run_config) the flags ask for."""
     from ..edit.run_config import RunConfig
 
-    return RunConfig(device=args.device if device is None else device, dtype=args.dtype, attention=job.attention,
+    return RunConfig(device=args.device, dtype=args.dtype, attention=job.attention,
                      chunk_size=args.chunk_size, store=args.store or "recompute",
                      store_placement=args.store_placement or "host", store_rank=args.store_rank,
                      store_error=args.store_error, latents_dtype=args.latents_dtype,
@@ -470,7 +466,8 @@ def cmd_edit(args) -> None:
     else:
         _default_size(job, args)
         if not job.edits and job.video.path is None:
-            job.edits = [(p, _edit_options_from_flags(args, 7.5)) for p in DEMO_TARGETS]
+            scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+            job.edits = [(p, _edit_options_from_flags(args, scale)) for p in DEMO_TARGETS]
     if not job.edits:
         raise InputError("no target prompt: pass --target-prompt or a --config with editing_prompts")
     run = _run_config(args, job)
