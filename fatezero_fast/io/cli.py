@@ -4,7 +4,7 @@
     fatezero-fast invert --video PATH --source-prompt ... -o INVERSION_DIR
     fatezero-fast info
 
-The flags are in io.parser, the checks of the input in io.inputs.
+The flags are in io.flags, the checks of the input in io.inputs.
 
 Every input is checked before the first model load; bad input prints one line `error: ...` and
 exits with code 2. Results are written into a temporary sibling of --output and moved into place
@@ -12,12 +12,15 @@ only when the run succeeds (io.output), so a failed run leaves every earlier res
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import __version__
 from ..errors import InputError
+from .flags import OneLineParser, add_edit_args, add_model_args, add_output_args, add_store_args, add_video_args
 from .inputs import (
     check_model,
     edit_options_from_flags,
@@ -28,11 +31,34 @@ from .inputs import (
     run_config,
     set_edits,
 )
-from .parser import build_parser
 
 DEMO_SOURCE = "a red car driving down a road"
 DEMO_TARGETS = ("a red car driving down a road", "a blue car driving down a road")
 DEMO_SIZE = 128  # the built-in tiny model runs at 128x128 (16x16 latents)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fatezero-fast", description="FateZero zero-shot video editing, memory-optimized.")
+    parser.add_argument("--version", action="version", version=f"fatezero-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="{edit,invert,info}")
+
+    edit = sub.add_parser("edit", help="invert a clip (or load an inversion) and edit it with target prompts")
+    edit.add_argument("--config", help="an official FateZero YAML config, its keys as they are (default: none)")
+    edit.add_argument("--inversion", help="a folder written by `fatezero-fast invert`; skips inversion (default: none)")
+    add_model_args(edit)
+    add_video_args(edit)
+    add_store_args(edit)
+    add_edit_args(edit)
+    add_output_args(edit, "out/edit")
+
+    invert = sub.add_parser("invert", help="DDIM-invert a clip and save the inversion for later edits")
+    add_model_args(invert)
+    add_video_args(invert)
+    add_store_args(invert)
+    add_output_args(invert, "out/inversion")
+
+    sub.add_parser("info", help="backends, device and versions")
+    return parser
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

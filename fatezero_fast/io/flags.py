@@ -1,12 +1,11 @@
-"""The `fatezero-fast` argument parser: every flag with its help line and default.
+"""The flags of `fatezero-fast edit` and `invert`, each with its help line and default.
 
-It imports no torch, so `--help` and `--version` answer at once.
+Nothing here imports torch, so `--help` and `--version` answer at once.
 """
 from __future__ import annotations
 
 import argparse
 
-from .. import __version__
 from ..edit.choices import BACKENDS, DTYPE_NAMES, LATENTS_PLACEMENTS, STORE_FORMS, STORE_PLACEMENTS
 
 
@@ -20,7 +19,7 @@ def _chunk_size(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames or 'auto'") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local diffusers-format Stable Diffusion folder (default: the config's "
                                    "pretrained_model_path, else a built-in random tiny model)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -34,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "on the CPU) (default: all frames at once)")
 
 
-def _add_video_args(p: argparse.ArgumentParser) -> None:
+def add_video_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="mp4/gif/webm file, a PNG/JPG image (an image edit) or a folder of PNG/JPG "
                                    "frames (default: a built-in sample clip)")
     p.add_argument("--source-prompt", help="prompt describing the input clip (default: the config's)")
@@ -56,7 +55,7 @@ def _add_video_args(p: argparse.ArgumentParser) -> None:
                    help="layers with at most this many query tokens are controlled (default: 1024)")
 
 
-def _add_store_args(p: argparse.ArgumentParser) -> None:
+def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=STORE_FORMS,
                    help="how the source attention is kept: recompute (exact, ~nothing stored), qk, full "
                         "(official fp32 maps), fp16, fp8, lowrank (default: recompute)")
@@ -75,7 +74,7 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                         "back a step at a time while editing (default: host)")
 
 
-def _add_edit_args(p: argparse.ArgumentParser) -> None:
+def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-prompt", action="append",
                    help="target prompt; repeat for several edits (default: the config's editing_prompts)")
     p.add_argument("--cross-replace-steps", type=float, default=0.8,
@@ -101,38 +100,14 @@ def _add_edit_args(p: argparse.ArgumentParser) -> None:
                    help="also write each edit's final latents to edit_NN/latents.pt (default: off)")
 
 
-def _add_output_args(p: argparse.ArgumentParser, default: str) -> None:
+def add_output_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("-o", "--output", default=default, help=f"output folder (default: {default})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder once the run has succeeded (default: off)")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error:` line with exit code 2, like every other bad input."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="fatezero-fast", description="FateZero zero-shot video editing, memory-optimized.")
-    parser.add_argument("--version", action="version", version=f"fatezero-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser, metavar="{edit,invert,info}")
-
-    edit = sub.add_parser("edit", help="invert a clip (or load an inversion) and edit it with target prompts")
-    edit.add_argument("--config", help="an official FateZero YAML config, its keys as they are (default: none)")
-    edit.add_argument("--inversion", help="a folder written by `fatezero-fast invert`; skips inversion (default: none)")
-    _add_model_args(edit)
-    _add_video_args(edit)
-    _add_store_args(edit)
-    _add_edit_args(edit)
-    _add_output_args(edit, "out/edit")
-
-    invert = sub.add_parser("invert", help="DDIM-invert a clip and save the inversion for later edits")
-    _add_model_args(invert)
-    _add_video_args(invert)
-    _add_store_args(invert)
-    _add_output_args(invert, "out/inversion")
-
-    sub.add_parser("info", help="backends, device and versions")
-    return parser
