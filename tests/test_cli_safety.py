@@ -22,6 +22,7 @@ from PIL import Image
 from fatezero_fast.edit.inversion import Inversion
 from fatezero_fast.errors import InputError
 from fatezero_fast.io.cli import build_parser, main
+from fatezero_fast.io.video import save_video
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "a red car driving down a road"
@@ -115,11 +116,12 @@ def test_new_user_sequence(work, tmp_path, run):
     assert len(list((tmp_path / "image" / "edit_00" / "frames").iterdir())) == 1
 
     long_prompt = " ".join(["a blue car driving down a long and winding road under a bright sky"] * 9 + ["truck"])
-    done = assert_ok(run(work, "edit", "--inversion", "inv", "--target-prompt", long_prompt, "--blend-words", "car",
+    done = assert_ok(cli(work, "edit", "--inversion", "inv", "--target-prompt", long_prompt, "--blend-words", "car",
                          "truck", "--blend-self-attention", "-o", tmp_path / "long"))
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert any("more than 77" in w and "truck" in w for w in warnings), done.stderr
     assert any("blend word 'truck' does not occur" in w for w in warnings), done.stderr
+    assert "Token indices sequence length" not in done.stderr  # transformers' own warning is not shown
 
 
 def test_output_overlapping_what_the_run_reads_is_refused(work, run):
@@ -224,6 +226,10 @@ def test_api_raises_the_same_messages(work, tiny_pipeline, run):
     with pytest.raises(InputError) as api:
         tiny_pipeline.edit(inversion, " ", progress=False)
     assert str(api.value) == "--target-prompt is empty: give the prompt the edit should follow"
+    with pytest.raises(InputError) as api:
+        save_video(torch.zeros(1, 3, 8, 8), work / "x.mp4", fps=0)
+    done = run(work, "edit", "--inversion", "inv", "--target-prompt", TARGET, "-o", "o", "--fps", "0")
+    assert assert_refused(done) == f"error: {api.value}"
 
 
 # -- item 6 --------------------------------------------------------------------------------------------

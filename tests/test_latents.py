@@ -72,14 +72,14 @@ def test_incomplete_disk_latents(tiny_pipeline, clip, tmp_path):
     inversion = tiny_pipeline.invert(clip, SOURCE, 2, seed=3, progress=False, latents_folder=tmp_path / "z")
     inversion.save(tmp_path / "saved")
     (tmp_path / "saved" / "latents" / "step_0001.pt").unlink()
-    with pytest.raises(InputError, match=r"is damaged: latents/step_0001.pt is missing"):
+    with pytest.raises(InputError, match=r"latents lacks the files of steps \[1\]"):
         Inversion.load(tmp_path / "saved")
     inversion = tiny_pipeline.invert(clip, SOURCE, 2, seed=3, progress=False, latents_folder=tmp_path / "z2")
     inversion.save(tmp_path / "saved2")
     (tmp_path / "saved2" / "latents" / "token_maps" / "step_0000.pt").unlink()
-    with pytest.raises(InputError, match=r"is damaged: latents/token_maps/step_0000.pt is missing"):
+    with pytest.raises(InputError, match=r"token_maps lacks the files of steps \[0\]"):
         Inversion.load(tmp_path / "saved2")
-    with pytest.raises(InputError, match="--latents-dtype 'fp8' is not one of fp32, fp16, bf16"):
+    with pytest.raises(InputError, match="unknown dtype"):
         tiny_pipeline.invert(clip, SOURCE, 2, progress=False, latents_dtype="fp8")
 
 

@@ -82,6 +82,7 @@ class Inversion:
             raise InputError(f"{folder} is not a saved inversion (no inversion.json/inversion.pt): "
                              f"create one with `fatezero-fast invert`")
         meta = _read_meta(folder)
+        _check_files(folder, meta)
         try:
             tensors = torch.load(folder / "inversion.pt", map_location="cpu")
             saved = tensors["store"]
@@ -118,7 +119,7 @@ def _damaged(folder: Path, what: str) -> InputError:
 
 
 def _read_meta(folder: Path) -> dict:
-    """inversion.json, checked for its keys and against the sizes of the files it lists."""
+    """inversion.json, checked for its keys."""
     try:
         meta = json.loads((folder / "inversion.json").read_text())
         if not isinstance(meta, dict):
@@ -132,24 +133,31 @@ def _read_meta(folder: Path) -> dict:
             raise _damaged(folder, f"inversion.json lacks {key!r}")
     if meta["num_inference_steps"] < 1:
         raise _damaged(folder, f"num_inference_steps is {meta['num_inference_steps']}")
+    return meta
+
+
+def _check_files(folder: Path, meta: dict) -> None:
+    """Every file inversion.json lists exists with the size it was written with (a truncated or deleted
+    one is found before anything is read); the per-step folders name their missing steps."""
+    for name in ("latents", "token_maps"):
+        kept = meta[name]
+        if kept.get("placement") == "disk":
+            try:
+                DiskSteps(folder / _DISK_FOLDERS[name], kept["shape"], dtype_from_name(kept["dtype"])).check()
+            except (InputError, KeyError, TypeError) as exc:
+                raise _damaged(folder, str(exc)) from None
     for name, size in (meta.get("files") or {}).items():
         path = folder / name
         if not path.is_file():
             raise _damaged(folder, f"{name} is missing")
         if path.stat().st_size != size:
             raise _damaged(folder, f"{name} has {path.stat().st_size} bytes, {size} were written")
-    return meta
 
 
 def _check_steps(folder: Path, name: str, value, kept: dict) -> None:
-    """A latents or token-maps entry has the shape and dtype inversion.json records (and its files)."""
+    """A latents or token-maps entry has the shape and dtype inversion.json records."""
     if not isinstance(value, (torch.Tensor, DiskSteps)):
         raise _damaged(folder, f"it has no {name}")
     if list(value.shape) != list(kept.get("shape", [])) or DTYPE_NAMES.get(value.dtype) != kept.get("dtype"):
         raise _damaged(folder, f"its {name} are {list(value.shape)} {DTYPE_NAMES.get(value.dtype)}, "
                                f"inversion.json says {kept.get('shape')} {kept.get('dtype')}")
-    if isinstance(value, DiskSteps):
-        try:
-            value.check()
-        except InputError as exc:
-            raise _damaged(folder, str(exc)) from None

@@ -17,17 +17,17 @@ from ..errors import InputError
 from ..unet.processors import VideoAttentionConfig
 from .choices import DTYPE_NAMES, LATENTS_PLACEMENTS, STORE_FORMS, STORE_PLACEMENTS
 
-# fp64 is for the Python API's exactness runs (float64 models); the CLI offers DTYPE_NAMES
-DTYPES = {**dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16))), "fp64": torch.float64}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def dtype_name(dtype: str | torch.dtype, flag: str = "--dtype") -> str:
-    """'fp32', 'fp16', 'bf16' (or 'fp64') for a name or a torch dtype."""
-    for name, value in DTYPES.items():
-        if dtype in (name, value):
-            return name
-    raise InputError(f"{flag} {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+def check_dtype(dtype: str | torch.dtype, flag: str) -> torch.dtype:
+    """The torch dtype for fp32, fp16, bf16 or any floating torch dtype (float64 for exactness tests)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"{flag}: unknown dtype {dtype!r}, use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -85,9 +85,9 @@ class RunConfig:
         device = check_device(self.device)
         object.__setattr__(self, "device", device)
         dtype = self.dtype if self.dtype is not None else ("fp16" if device.type == "cuda" else "fp32")
-        object.__setattr__(self, "dtype", DTYPES[dtype_name(dtype)])
+        object.__setattr__(self, "dtype", check_dtype(dtype, "--dtype"))
         if self.latents_dtype is not None:
-            object.__setattr__(self, "latents_dtype", DTYPES[dtype_name(self.latents_dtype, "--latents-dtype")])
+            object.__setattr__(self, "latents_dtype", check_dtype(self.latents_dtype, "--latents-dtype"))
         if not isinstance(self.attention, VideoAttentionConfig):
             raise InputError("attention must be a VideoAttentionConfig")
         check_chunk_size(self.chunk_size)
@@ -126,13 +126,18 @@ def check_steps(steps) -> int:
     return steps
 
 
-def check_edit(target_prompt: str, options, tokenizer) -> str:
-    """Check one edit's prompt and guidance scale; the prompt cut to CLIP's 77 tokens (with a warning)."""
-    from ..semantics.tokens import fit_prompt
-
+def check_prompt_and_scale(target_prompt: str, options) -> None:
+    """One edit's target prompt is not empty and its guidance scale is a finite number."""
     if not isinstance(target_prompt, str) or not target_prompt.strip():
         raise InputError("--target-prompt is empty: give the prompt the edit should follow")
     scale = options.guidance_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InputError(f"--guidance-scale must be a finite number, got {scale!r}")
+
+
+def check_edit(target_prompt: str, options, tokenizer) -> str:
+    """Check one edit's prompt and guidance scale; the prompt cut to CLIP's 77 tokens (with a warning)."""
+    from ..semantics.tokens import fit_prompt
+
+    check_prompt_and_scale(target_prompt, options)
     return fit_prompt(target_prompt, tokenizer, "target")

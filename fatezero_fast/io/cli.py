@@ -4,6 +4,8 @@
     fatezero-fast invert --video PATH --source-prompt ... -o INVERSION_DIR
     fatezero-fast info
 
+The flags are in io.flags, the checks of the input in io.inputs.
+
 Every input is checked before the first model load; bad input prints one line `error: ...` and
 exits with code 2. Results are written into a temporary sibling of --output and moved into place
 only when the run succeeds (io.output), so a failed run leaves every earlier result as it was.
@@ -11,338 +13,66 @@ only when the run succeeds (io.output), so a failed run leaves every earlier res
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 import sys
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
-from ..edit.choices import (
-    BACKENDS,
-    DTYPE_NAMES,
-    LATENTS_PLACEMENTS,
-    STORE_FORMS,
-    STORE_PLACEMENTS,
-)
 from ..errors import InputError
+from .flags import (
+    OneLineParser,
+    add_edit_args,
+    add_model_args,
+    add_output_args,
+    add_store_args,
+    add_video_args,
+)
+from .inputs import (
+    check_model,
+    edit_options_from_flags,
+    job_from,
+    name_flags,
+    note,
+    reconcile,
+    run_config,
+    set_edits,
+)
 
 DEMO_SOURCE = "a red car driving down a road"
 DEMO_TARGETS = ("a red car driving down a road", "a blue car driving down a road")
 DEMO_SIZE = 128  # the built-in tiny model runs at 128x128 (16x16 latents)
-# flag, its name in EditOptions / load_video / the pipeline, and the config section it comes from
-_FLAG_KEYS = (("--frames", "n_sample_frame", "dataset_config.n_sample_frame"),
-              ("--sampling-rate", "sampling_rate", "dataset_config.sampling_rate"),
-              ("--start-frame", "start_sample_frame", "dataset_config.start_sample_frame"),
-              ("--steps", "num_inference_steps", "editing_config.num_inference_steps"),
-              ("--guidance-scale", "guidance_scale", "editing_config.guidance_scale"),
-              ("--cross-replace-steps", "cross_replace_steps", "editing_config.p2p_config"),
-              ("--self-replace-steps", "self_replace_steps", "editing_config.p2p_config"),
-              ("--blend-words", "blend_words", "editing_config.p2p_config"),
-              ("--blend-th", "blend_th", "editing_config.p2p_config"),
-              ("--eq", "eq_params", "editing_config.p2p_config"),
-              ("--model folder", "model folder", "pretrained_model_path"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fatezero-fast", description="FateZero zero-shot video editing, memory-optimized.")
+    parser.add_argument("--version", action="version", version=f"fatezero-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="{edit,invert,info}")
+
+    edit = sub.add_parser("edit", help="invert a clip (or load an inversion) and edit it with target prompts")
+    edit.add_argument("--config", help="an official FateZero YAML config, its keys as they are (default: none)")
+    edit.add_argument("--inversion", help="a folder written by `fatezero-fast invert`; skips inversion (default: none)")
+    add_model_args(edit)
+    add_video_args(edit)
+    add_store_args(edit)
+    add_edit_args(edit)
+    add_output_args(edit, "out/edit")
+
+    invert = sub.add_parser("invert", help="DDIM-invert a clip and save the inversion for later edits")
+    add_model_args(invert)
+    add_video_args(invert)
+    add_store_args(invert)
+    add_output_args(invert, "out/inversion")
+
+    sub.add_parser("info", help="backends, device and versions")
+    return parser
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------
-# the parser (torch-free, so --help is fast)
-# ---------------------------------------------------------------------------------------------
-def _chunk_size(text: str):
-    """--chunk-size: an int (checked positive with the other options) or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames or 'auto'") from None
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local diffusers-format Stable Diffusion folder (default: the config's "
-                                   "pretrained_model_path, else a built-in random tiny model)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="attention kernel backend (default: auto, the fastest available)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the VAE posterior sample (default: 0)")
-    p.add_argument("--chunk-size", type=_chunk_size, default=None,
-                   help="run the UNet over this many frames at a time (exact; memory then depends on the "
-                        "chunk, not the clip length), or 'auto': chosen from the free GPU memory (all at once "
-                        "on the CPU) (default: all frames at once)")
-
-
-def _add_video_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--video", help="mp4/gif/webm file, a PNG/JPG image (an image edit) or a folder of PNG/JPG "
-                                   "frames (default: a built-in sample clip)")
-    p.add_argument("--source-prompt", help="prompt describing the input clip (default: the config's)")
-    p.add_argument("--frames", type=int, default=None,
-                   help="number of frames to take, -1 for all (default: what the clip has, up to 8)")
-    p.add_argument("--sampling-rate", type=int, default=None, help="take every N-th frame (default: 1)")
-    p.add_argument("--start-frame", type=int, default=None, help="first frame to take (default: 0)")
-    p.add_argument("--width", type=int, default=None,
-                   help="output width, a multiple of 8 (default: 512, 128 on the built-in model)")
-    p.add_argument("--height", type=int, default=None,
-                   help="output height, a multiple of 8 (default: 512, 128 on the built-in model)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
-    p.add_argument("--index", nargs="+", default=None,
-                   help="sparse-causal frames each frame attends to: ints (relative) or first/last/mid "
-                        "(default: -1 first)")
-    p.add_argument("--least-sc-channel", type=int, default=None,
-                   help="blocks narrower than this use per-frame self-attention (default: none)")
-    p.add_argument("--max-control-tokens", type=int, default=None,
-                   help="layers with at most this many query tokens are controlled (default: 1024)")
-
-
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", choices=STORE_FORMS,
-                   help="how the source attention is kept: recompute (exact, ~nothing stored), qk, full "
-                        "(official fp32 maps), fp16, fp8, lowrank (default: recompute)")
-    p.add_argument("--store-placement", choices=STORE_PLACEMENTS,
-                   help="where a stored form lives: device, host (pinned, prefetched) or disk (default: host)")
-    p.add_argument("--store-rank", type=int, default=None, help="lowrank: rank per map (default: 16)")
-    p.add_argument("--store-error", type=float, default=None,
-                   help="lowrank: smallest rank with relative error <= this, instead of --store-rank "
-                        "(default: unset)")
-    p.add_argument("--latents-dtype", choices=DTYPE_NAMES,
-                   help="dtype of the inversion latents kept for the edits; fp16 halves an fp32 model's: "
-                        "1.7 GB instead of 3.4 for 1,024 frames at 512x512, 50 steps (default: the model's, exact)")
-    p.add_argument("--latents-placement", choices=LATENTS_PLACEMENTS,
-                   help="keep the inversion latents and the source token maps of the mask level (4 GB for "
-                        "1,024 frames at 512x512, 50 steps) in host memory or on disk, one file per step, read "
-                        "back a step at a time while editing (default: host)")
-
-
-def _add_edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target-prompt", action="append",
-                   help="target prompt; repeat for several edits (default: the config's editing_prompts)")
-    p.add_argument("--cross-replace-steps", type=float, default=0.8,
-                   help="fraction of the steps whose cross-attention is fused from the source (default: 0.8)")
-    p.add_argument("--self-replace-steps", type=float, default=0.8,
-                   help="fraction of the steps whose self-attention is fused from the source (default: 0.8)")
-    p.add_argument("--replace", action="store_true",
-                   help="word-swap replace instead of refine, for prompts with the same word count (default: refine)")
-    p.add_argument("--blend-words", nargs=2, metavar=("SOURCE", "TARGET"),
-                   help="comma-separated source and target words whose mask keeps the edit local (default: none)")
-    p.add_argument("--blend-th", nargs=2, type=float, default=(0.3, 0.3),
-                   help="thresholds in [0, 2] of the self-attention and latent blend masks (default: 0.3 0.3)")
-    p.add_argument("--blend-self-attention", action="store_true",
-                   help="blend the fused self-attention with the blend-word mask (default: off)")
-    p.add_argument("--blend-latents", action="store_true",
-                   help="blend the latents with the blend-word mask, for local shape edits (default: off)")
-    p.add_argument("--eq", nargs="+", metavar="WORD=VALUE",
-                   help="reweight target words, e.g. watercolor=10 (default: none)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the config's, else 7.5)")
-    p.add_argument("--fps", type=int, default=8, help="frames per second of the saved videos (default: 8)")
-    p.add_argument("--save-latents", action="store_true",
-                   help="also write each edit's final latents to edit_NN/latents.pt (default: off)")
-
-
-def _add_output_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("-o", "--output", default=default, help=f"output folder (default: {default})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output folder once the run has succeeded (default: off)")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one `error:` line with exit code 2, like every other bad input."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="fatezero-fast", description="FateZero zero-shot video editing, memory-optimized.")
-    parser.add_argument("--version", action="version", version=f"fatezero-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser, metavar="{edit,invert,info}")
-
-    edit = sub.add_parser("edit", help="invert a clip (or load an inversion) and edit it with target prompts")
-    edit.add_argument("--config", help="an official FateZero YAML config, its keys as they are (default: none)")
-    edit.add_argument("--inversion", help="a folder written by `fatezero-fast invert`; skips inversion (default: none)")
-    _add_model_args(edit)
-    _add_video_args(edit)
-    _add_store_args(edit)
-    _add_edit_args(edit)
-    _add_output_args(edit, "out/edit")
-
-    invert = sub.add_parser("invert", help="DDIM-invert a clip and save the inversion for later edits")
-    _add_model_args(invert)
-    _add_video_args(invert)
-    _add_store_args(invert)
-    _add_output_args(invert, "out/inversion")
-
-    sub.add_parser("info", help="backends, device and versions")
-    return parser
-
-
-# ---------------------------------------------------------------------------------------------
-# checking the input (before any model is loaded)
-# ---------------------------------------------------------------------------------------------
-def _parse_index(entries):
-    parsed = []
-    for e in entries:
-        try:
-            parsed.append(int(e))
-        except ValueError:
-            parsed.append(e)
-    return parsed
-
-
-def _edit_options_from_flags(args, guidance_scale: float):
-    from ..semantics.plan import EditOptions
-
-    eq = None
-    if args.eq:
-        words, values = [], []
-        for item in args.eq:
-            word, sep, value = item.partition("=")
-            try:
-                values.append(float(value))
-            except ValueError:
-                sep = ""
-            if not sep or not word:
-                raise InputError(f"--eq {item!r} must be WORD=NUMBER, e.g. watercolor=10")
-            words.append(word)
-        eq = {"words": words, "values": values}
-    blend = None if not args.blend_words else [w.split(",") for w in args.blend_words]
-    return EditOptions(cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
-                       is_replace_controller=args.replace, blend_words=blend, blend_th=tuple(args.blend_th),
-                       blend_self_attention=args.blend_self_attention, blend_latents=args.blend_latents,
-                       eq_params=eq, guidance_scale=guidance_scale)
-
-
-def _job(args):
-    """The JobConfig from --config (if any) overridden by explicit flags, its plain values checked."""
-    from ..edit.run_config import check_steps
-    from .config import JobConfig, load_config
-    from .video import check_frames
-
-    job = load_config(args.config) if getattr(args, "config", None) else JobConfig()
-    args.from_config = job.from_config  # what error messages name in brackets (kept up to date below)
-    for message in job.notes:
-        note(message)
-    v = job.video
-    overrides = dict(path=args.video, n_sample_frame=args.frames, sampling_rate=args.sampling_rate,
-                     start_sample_frame=args.start_frame, width=args.width, height=args.height)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(v, key, value)
-            job.from_config.discard(f"dataset_config.{key}")
-    for flag, value, key in ((args.model, "model", "pretrained_model_path"),
-                             (args.source_prompt, "source_prompt", "dataset_config.prompt"),
-                             (args.steps, "num_inference_steps", "editing_config.num_inference_steps"),
-                             (args.seed, "seed", "seed")):
-        if flag is not None:
-            setattr(job, value, flag)
-            job.from_config.discard(key)
-    if args.index is not None:  # replace() re-validates the entries now, before any model work
-        job.attention = replace(job.attention, sparse_causal_index=_parse_index(args.index))
-    if args.least_sc_channel is not None:
-        job.attention.least_sc_channel = args.least_sc_channel
-    if args.max_control_tokens is not None:
-        job.attention.max_control_tokens = args.max_control_tokens
-    job.attention.backend = args.backend
-    check_steps(job.num_inference_steps)
-    check_frames(v.n_sample_frame)
-    return job
-
-
-def _edits(args, job) -> None:
-    """job.edits from --target-prompt (or the config's), with --guidance-scale and --fps checked."""
-    if getattr(args, "fps", 1) <= 0:
-        raise InputError(f"--fps must be positive, got {args.fps}")
-    if args.guidance_scale is not None:
-        job.from_config.discard("editing_config.guidance_scale")
-        job.edits = [(p, replace(o, guidance_scale=args.guidance_scale)) for p, o in job.edits]
-    scale = args.guidance_scale if args.guidance_scale is not None else 7.5
-    if not math.isfinite(scale):
-        raise InputError(f"--guidance-scale must be a finite number, got {scale}")
-    if args.target_prompt:
-        job.from_config.discard("editing_config.p2p_config")
-        options = _edit_options_from_flags(args, scale)
-        job.edits = [(p, options) for p in args.target_prompt]
-    for prompt, _ in job.edits:
-        if not prompt.strip():
-            raise InputError("--target-prompt is empty: give the prompt the edit should follow")
-
-
-def _run_config(args, job, device=None):
-    """The run configuration (edit.run_config) the flags ask for."""
-    from ..edit.run_config import RunConfig
-
-    return RunConfig(device=args.device if device is None else device, dtype=args.dtype, attention=job.attention,
-                     chunk_size=args.chunk_size, store=args.store or "recompute",
-                     store_placement=args.store_placement or "host", store_rank=args.store_rank,
-                     store_error=args.store_error, latents_dtype=args.latents_dtype,
-                     latents_placement=args.latents_placement or "host")
-
-
-def _check_model(job) -> None:
-    from ..edit.pipeline import check_model_folder
-
-    if job.model is not None:
-        check_model_folder(job.model)
-
-
-def _reconcile(args, job, inversion, folder: str) -> None:
-    """Flags the inversion already fixes: an error when they contradict it, a note when they agree."""
-    from ..edit.steps import DiskSteps
-
-    latents = inversion.latents.shape
-    height, width = (inversion.frames.shape[-2:] if inversion.frames is not None else (None, None))
-    fixed = (("--model", args.model, inversion.model or "the built-in model", _same_path),
-             ("--video", args.video, inversion.video, _same_path),
-             ("--source-prompt", args.source_prompt, inversion.source_prompt, str.__eq__),
-             ("--steps", args.steps, inversion.num_inference_steps, int.__eq__),
-             ("--frames", args.frames, latents[1], lambda a, b: a in (b, -1)),
-             ("--width", args.width, width, int.__eq__),
-             ("--height", args.height, height, int.__eq__),
-             ("--store", args.store, inversion.store.form, str.__eq__),
-             ("--store-placement", args.store_placement, inversion.store.placement, str.__eq__),
-             ("--latents-placement", args.latents_placement,
-              "disk" if isinstance(inversion.latents, DiskSteps) else "host", str.__eq__))
-    for flag, given, made, same in fixed:
-        if given is None:
-            continue
-        if made is None:
-            note(f"{flag} is ignored: the inversion {folder} fixes it and does not record it")
-        elif not same(given, made):
-            raise InputError(f"{flag} {given} contradicts the inversion {folder}, made with {made}: leave "
-                             f"{flag} out, or invert again")
-        else:
-            note(f"{flag} {given} is what the inversion {folder} was made with; it is fixed by the inversion")
-    if job.model is None or args.model is None:
-        job.model = inversion.model
-    job.source_prompt = inversion.source_prompt
-    job.attention = replace(inversion.attention, backend=args.backend)
-
-
-def _same_path(a, b) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def _name_flags(message: str, from_config: set[str]) -> str:
-    """Name the flag the user would type; with the config key in brackets when the value came from the config."""
-    for flag, key, section in _FLAG_KEYS:
-        pattern = rf"(?<![\w-])({re.escape(flag)}|{re.escape(key)})(?![\w-])"
-        config_key = section if section.endswith(key) or " " in key else f"{section}.{key}"
-        message = re.sub(pattern, f"{flag} [{config_key}]" if section in from_config else flag, message, count=1)
-    return message
-
-
-# ---------------------------------------------------------------------------------------------
-# the work
-# ---------------------------------------------------------------------------------------------
 def _default_size(job, args) -> None:
     """The built-in tiny model runs at DEMO_SIZE unless a size is given."""
     if job.model is None and args.width is None and args.height is None:
@@ -443,13 +173,13 @@ def _staged(args, reads: dict):
 def cmd_invert(args) -> None:
     from .record import RunRecord
 
-    job = _job(args)
-    run = _run_config(args, job)
+    job = job_from(args)
+    run = run_config(args, job)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.store != "recompute":
         raise InputError(f"--store {run.store} keeps each rank's frames on that rank, so a multi-rank run cannot "
                          "save it: use --store recompute (the default), or invert and edit in one `edit` run")
     _default_size(job, args)
-    _check_model(job)
+    check_model(job)
     out = _staged(args, {"input video": job.video.path})
     try:
         clip = _load_clip(job)
@@ -476,19 +206,20 @@ def cmd_edit(args) -> None:
     from ..edit.inversion import Inversion
     from .record import RunRecord
 
-    job = _job(args)
-    _edits(args, job)
+    job = job_from(args)
+    set_edits(args, job)
     inversion = Inversion.load(args.inversion) if args.inversion else None
     if inversion is not None:
-        _reconcile(args, job, inversion, args.inversion)
+        reconcile(args, job, inversion, args.inversion)
     else:
         _default_size(job, args)
         if not job.edits and job.video.path is None:
-            job.edits = [(p, _edit_options_from_flags(args, 7.5)) for p in DEMO_TARGETS]
+            scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+            job.edits = [(p, edit_options_from_flags(args, scale)) for p in DEMO_TARGETS]
     if not job.edits:
         raise InputError("no target prompt: pass --target-prompt or a --config with editing_prompts")
-    run = _run_config(args, job)
-    _check_model(job)
+    run = run_config(args, job)
+    check_model(job)
     out = _staged(args, {"--inversion folder": args.inversion, "input video": job.video.path})
     try:
         clip = _load_clip(job) if inversion is None else None
@@ -592,7 +323,7 @@ def main(argv=None) -> int:
         try:
             {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
         except InputError as exc:
-            print(f"error: {_name_flags(str(exc), getattr(args, 'from_config', set()))}", file=stderr)
+            print(f"error: {name_flags(str(exc), getattr(args, 'from_config', set()))}", file=stderr)
             return 2
         finally:
             sys.stdout, sys.stderr = stdout, stderr

@@ -75,6 +75,11 @@ def load_video(
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 
 
+def check_fps(fps) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise InputError(f"--fps must be positive, got {fps}")
+
+
 def check_frames(n_sample_frame: int | None) -> None:
     """Raise InputError unless the number of frames is None, -1 or at least 1."""
     if n_sample_frame is not None and (not isinstance(n_sample_frame, int) or n_sample_frame == 0
@@ -212,6 +217,7 @@ def save_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: 
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".gif"):
         raise InputError(f"cannot save video as '{suffix or path.name}': {path} (use a .mp4 or .gif file name)")
+    check_fps(fps)
     check_writable(path)
     images = to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ MAX_TOKENS = 77  # CLIP's context length: every map has this many token columns
 
 
 def token_count(text: str, tokenizer) -> int:
-    """CLIP tokens of `text` with BOS and EOS (tokenize() does not warn about long texts)."""
-    return len(tokenizer.tokenize(text)) + 2
+    """CLIP tokens of `text` with BOS and EOS (verbose=False: no warning about texts over 77 tokens)."""
+    return len(tokenizer(text, verbose=False)["input_ids"])
 
 
 def fit_prompt(prompt: str, tokenizer, what: str) -> str:
