@@ -19,7 +19,7 @@ def _load():
     global _op, _load_error
     if _op is None and _load_error is None:
         try:
-            from .. import _C  # noqa: F401  (registers torch.ops.fatezero_fast.*)
+            from ... import _C  # noqa: F401  (registers torch.ops.fatezero_fast.*)
             _op = torch.ops.fatezero_fast.blended_attention
         except (ImportError, OSError, AttributeError, RuntimeError) as exc:
             _load_error = f"{type(exc).__name__}: {exc}"
