@@ -2,7 +2,7 @@
 
     fatezero-fast edit  [--config FILE] [--model DIR] [--video PATH] --target-prompt ... -o OUT
     fatezero-fast invert --video PATH --source-prompt ... -o INVERSION_DIR
-    fatezero-fast info
+    fatezero-fast info [--selftest [--json PATH]]
 
 Bad input prints one line `error: ...` and exits with code 2, before anything is written.
 """
@@ -33,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="model dtype (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "reference"],
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "sdpa", "cpu", "reference"],
                    help="attention kernel backend")
     p.add_argument("--seed", type=int, default=None, help="seed of the VAE posterior sample (default 0)")
     p.add_argument("--chunk-size", type=_chunk_size, default=None,
@@ -159,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(invert)
     _add_output_args(invert)
 
-    sub.add_parser("info", help="backends, device and versions")
+    info = sub.add_parser("info", help="backends (auto's order and why one is passed over), device and versions")
+    info.add_argument("--selftest", action="store_true",
+                      help="run every available backend over a fixed matrix against the reference; one row per "
+                           "case; exit code 1 if any case fails")
+    info.add_argument("--json", metavar="PATH", help="with --selftest: also write the rows and versions as JSON")
     return parser
 
 
@@ -388,12 +392,13 @@ def cmd_edit(args) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def cmd_info(args) -> None:
+def cmd_info(args) -> int:
     import platform
 
     import torch
 
     from .. import __version__, ops
+    from ..ops import dispatch
     from ..ops.backends import cpu as cpu_backend
     from ..ops.backends import cuda as cuda_backend
 
@@ -408,10 +413,32 @@ def cmd_info(args) -> None:
     lines.append(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA)'}")
     lines.append(f"C++ CPU ops: {'built' if cpu_backend.available() else 'not built'}; "
                  f"CUDA ops: {'built' if cuda_backend.available() else 'not available'}")
-    lines.append(f"blended_attention backends on cpu: {', '.join(ops.available_backends('cpu'))}")
-    if cuda:
-        lines.append(f"blended_attention backends on cuda: {', '.join(ops.available_backends('cuda'))}")
-    print("\n".join(lines))
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    for device in devices:
+        lines.append(f"blended_attention backends on {device}: {', '.join(ops.available_backends(device))}")
+    for device in devices:
+        lines += dispatch.explain(device)
+    lines.append("self-check at first use: " + ("on" if ops.selfcheck.enabled() else
+                                                f"off ({ops.selfcheck.ENV_SWITCH}=0)"))
+    print("\n".join(lines), flush=True)
+    if not args.selftest:
+        return 0
+    print()
+    environment = ops.selfcheck.environment()
+
+    def write(rows, complete=False):  # after every case: a run cut short keeps its rows
+        if args.json:
+            failed = sum(r["status"] != "pass" for r in rows)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"environment": environment, "info": lines, "complete": complete,
+                                                   "passed": len(rows) - failed, "failed": failed, "rows": rows},
+                                                  indent=1))
+
+    rows = ops.selfcheck.selftest(report=lambda line: print(line, flush=True), on_row=write)
+    write(rows, complete=True)
+    failed = sum(r["status"] != "pass" for r in rows)
+    print(f"selftest: {len(rows) - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
@@ -419,11 +446,11 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # one line each on stderr; the caller's warning setup is left as it was
         warnings.showwarning = _show_warning
         try:
-            {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
+            rc = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":
