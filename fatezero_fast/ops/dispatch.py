@@ -90,6 +90,7 @@ _choices: dict = {}     # (Call, self-check on) -> backend name
 _verdicts: dict = {}    # (backend name, Call) -> selfcheck.Verdict
 _measured: dict = {}    # (GPU name, dtype) -> (order, where from) or None
 _warned_reference: set = set()
+_required: set = set()  # (backend name, Call) requested by name that passed every check (self-check on)
 
 
 def reset() -> None:
@@ -99,6 +100,7 @@ def reset() -> None:
         _verdicts.clear()
         _measured.clear()
         _warned_reference.clear()
+        _required.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,15 +232,17 @@ def choose(call: Call) -> str:
                     if not verdict.ok:
                         warnings.warn(f"fatezero_fast: the {name!r} backend failed its self-check on "
                                       f"{call.describe()}: {verdict.problem}; blended_attention uses the next "
-                                      f"backend of {', '.join(order)}", BackendWarning, stacklevel=4)
+                                      f"backend of {', '.join(order)}", BackendWarning, stacklevel=3)
                         passed_over.append(f"{name}: failed its self-check ({verdict.problem})")
                         continue
             break
         if name == "reference" and call not in _warned_reference:
             _warned_reference.add(call)
+            hint = " The C++ CPU kernel comes with `pip install --no-build-isolation -e .`" \
+                if call.device_type == "cpu" else ""
             warnings.warn(f"fatezero_fast: blended_attention on {call.describe()} falls back to the materialized "
-                          f"reference (O(Nq x Nk) memory): {'; '.join(passed_over)}. The C++ CPU kernel comes "
-                          "with `pip install --no-build-isolation -e .`", BackendWarning, stacklevel=4)
+                          f"reference (O(Nq x Nk) memory): {'; '.join(passed_over)}.{hint}", BackendWarning,
+                          stacklevel=3)
         if cacheable:
             _choices[key] = name
     return name
@@ -246,6 +250,9 @@ def choose(call: Call) -> str:
 
 def require(name: str, call: Call) -> None:
     """An explicitly requested backend: raise unless it is available, supports `call` and passes its check."""
+    check = selfcheck.enabled()
+    if check and (name, call) in _required:
+        return
     backend = BACKENDS_BY_NAME[name]
     why = backend.unavailable(call.device)
     if why is not None:
@@ -253,12 +260,14 @@ def require(name: str, call: Call) -> None:
     reason = backend.capabilities.why_not(call)
     if reason is not None:
         raise ValueError(f"backend {name!r} does not support {call.describe()}: it {reason}")
-    if name != "reference" and selfcheck.enabled() and _can_check(call):
+    if name != "reference" and check and _can_check(call):
         verdict = verify(name, call)
         if not verdict.ok:
             raise RuntimeError(f"backend {name!r} failed its self-check on {call.describe()}: {verdict.problem} "
                                "(backend='auto' would fall back to the next backend; "
                                f"{selfcheck.ENV_SWITCH}=0 turns the check off)")
+        with _lock:
+            _required.add((name, call))
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
