@@ -14,6 +14,7 @@ import torch
 from fatezero_fast import ops
 from fatezero_fast.ops import reference
 from fatezero_fast.ops.selfcheck import TOLERANCES
+from fatezero_fast.semantics.frames import resolve_frame_index
 
 TOL = {dtype: TOLERANCES[dtype] for dtype in (torch.float32, torch.float16, torch.bfloat16)}
 DTYPES = list(TOL)
@@ -186,8 +187,6 @@ def sd14_case(form, nq, d, dtype, *, gen, device, index_list=None):
     form: "plain", "qk", "probs" (P_s in dtype), "probs8" (fp8 map with row scale, > 2**31 elements at
     4096 tokens and R = 3: 64-bit offsets) or "lowrank" (rank 8).
     """
-    from fatezero_fast.semantics.frames import resolve_frame_index
-
     b, h = 8, 8
     if index_list is None:
         index_list = {"plain": ["mid"], "probs8": [-2, -1, "last"]}.get(form, [-1, "first"])
@@ -216,3 +215,42 @@ def sd14_case(form, nq, d, dtype, *, gen, device, index_list=None):
         src64 = source
     mask = None if source is None else sd_mask(b, nq, gen=gen, device=device)
     return q, k, v, kv_frames, source, src64, mask
+
+
+def check_sd14(backend, form, nq, d, dtype, *, index_list=None, tol=None):
+    """One SD-1.4-sized case (sd14_case) on CUDA through `backend`, poisoned output, chunked float64 oracle."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(nq + d)
+    q, k, v, kv_frames, source, src64, mask = sd14_case(form, nq, d, dtype, gen=gen, device=dev,
+                                                        index_list=index_list)
+    out = torch.full_like(q, float("nan"))
+    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend=backend, out=out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "some output elements were never written (or are NaN)"
+    err = chunked_oracle_err(out, q, k, v, kv_frames, src64, mask, d ** -0.5, head_chunk=2)
+    tol = TOL[dtype] if tol is None else tol
+    assert err <= tol, f"relative error {err:.3g} > {tol:g}"
+
+
+def check_strided(backend, *, nq, nk, dtype=torch.float32, device="cpu", gen=None, b=2, h=2, d=40, tol=None):
+    """Non-contiguous q/k/v (diffusers' (B, N, H, D) viewed as (B, H, N, D)), a column-major P_s, a bool
+    mask; out=None, then out given as a strided view (written in place)."""
+    q = _randn((b, nq, h, d), gen, device, dtype).transpose(1, 2)
+    kv = _randn((b, nk, 2, h, d), gen, device, dtype)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    kv_frames = resolve_frame_index(["first", -1], b).to(device)
+    p = probs_map(b, h, nq, 2 * nk, gen=gen, device=device)
+    p_t = p.transpose(-1, -2).contiguous().transpose(-1, -2)  # a column-major map
+    mask = _rand((b, nq), gen, device) > 0.5
+    ref = reference64(q, k, v, kv_frames, ("probs", p.double()), mask)
+    tol = TOL[dtype] if tol is None else tol
+    out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) <= tol
+    out_buf = torch.full((b, nq, h, d), float("nan"), device=device, dtype=dtype)
+    out_view = out_buf.transpose(1, 2)
+    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend=backend,
+                          out=out_view)
+    assert not torch.isnan(out_buf).any()
+    assert rel_err(out_view, ref) <= tol

@@ -14,8 +14,8 @@ import zlib
 
 import pytest
 import torch
-from attention_cases import (INDEX_LISTS, MASKS, SD14_SHAPES, TOL, chunked_oracle_err, make_mask, make_qkv,
-                             make_source, reference64, rel_err, run_poisoned, sd14_case)
+from attention_cases import (INDEX_LISTS, MASKS, SD14_SHAPES, TOL, check_sd14, check_strided, chunked_oracle_err,
+                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
 
 from fatezero_fast import ops
 from fatezero_fast.ops.backends import cuda as cuda_backend
@@ -175,29 +175,10 @@ def test_uniform_blocks_skip_the_unused_stream():
 @gpu
 @needs_kernel
 def test_strided_inputs_bool_mask_and_strided_out():
-    """Non-contiguous q/k/v (diffusers' (B, N, H, D) viewed as (B, H, N, D)), out=None, bool mask,
-    a column-major P_s and an out given as a strided view (written in place)."""
+    """Non-contiguous q/k/v, out=None, bool mask, a column-major P_s and an out given as a strided view."""
     dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(3)
-    b, h, nq, nk, d = 2, 2, 70, 70, 40
-    q = torch.randn(b, nq, h, d, generator=gen, device=dev).half().transpose(1, 2)
-    kv = torch.randn(b, nk, 2, h, d, generator=gen, device=dev).half()
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    assert not q.is_contiguous() and not k.is_contiguous()
-    kv_frames = resolve_frame_index(["first", -1], b).to(dev)
-    p = torch.softmax(torch.randn(b, h, nq, 2 * nk, generator=gen, device=dev), -1)
-    p_t = p.transpose(-1, -2).contiguous().transpose(-1, -2)
-    mask = torch.rand(b, nq, generator=gen, device=dev) > 0.5
-    ref = reference64(q, k, v, kv_frames, ("probs", p.double()), mask)
-    out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="cuda")
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert rel_err(out, ref) <= TOL[torch.float16]
-    out_buf = torch.full((b, nq, h, d), float("nan"), device=dev, dtype=torch.float16)
-    out_view = out_buf.transpose(1, 2)
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="cuda",
-                          out=out_view)
-    assert not torch.isnan(out_buf).any()
-    assert rel_err(out_view, ref) <= TOL[torch.float16]
+    check_strided("cuda", nq=70, nk=70, dtype=torch.float16, device=dev,
+                  gen=torch.Generator(device=dev).manual_seed(3))
 
 
 @gpu
@@ -231,12 +212,4 @@ def test_op_checks_and_bad_frames():
 @pytest.mark.parametrize("nq,d", SD14_SHAPES)
 @pytest.mark.parametrize("form", ["plain", "qk", "probs", "probs8"])
 def test_sd14_shapes(form, nq, d, dtype):
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(nq + d)
-    q, k, v, kv_frames, source, src64, mask = sd14_case(form, nq, d, dtype, gen=gen, device=dev)
-    out = torch.full_like(q, float("nan"))
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend="cuda", out=out)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "some output elements were never written (or are NaN)"
-    err = chunked_oracle_err(out, q, k, v, kv_frames, src64, mask, d ** -0.5, head_chunk=2)
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+    check_sd14("cuda", form, nq, d, dtype)

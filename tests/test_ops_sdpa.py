@@ -9,8 +9,8 @@ import zlib
 
 import pytest
 import torch
-from attention_cases import (DTYPES, FORMS, HEAD_DIMS, INDEX_LISTS, MASKS, SD14_SHAPES, TOL, chunked_oracle_err,
-                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned, sd14_case)
+from attention_cases import (DTYPES, FORMS, HEAD_DIMS, INDEX_LISTS, MASKS, SD14_SHAPES, TOL, check_sd14,
+                             check_strided, make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -170,24 +170,7 @@ def test_memory_is_linear_no_nq_by_nk_tensor(form, dtype):
 
 
 def test_strided_inputs_bool_mask_and_strided_out():
-    gen = torch.Generator().manual_seed(3)
-    b, h, nq, nk, d = 2, 2, 45, 38, 40
-    q = torch.randn(b, nq, h, d, generator=gen).to(DEVICE).transpose(1, 2)
-    kv = torch.randn(b, nk, 2, h, d, generator=gen).to(DEVICE)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    assert not q.is_contiguous() and not k.is_contiguous()
-    kv_frames = resolve_frame_index(["first", -1], b).to(DEVICE)
-    source, src64 = make_source("probs", b, h, nq, nk, d, 2, torch.float32, gen=gen, device=DEVICE)
-    p_t = source[1].transpose(-1, -2).contiguous().transpose(-1, -2)  # a column-major map
-    mask = torch.rand(b, nq, generator=gen).to(DEVICE) > 0.5
-    ref = reference64(q, k, v, kv_frames, src64, mask)
-    out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="sdpa")
-    assert out.shape == q.shape and out.dtype == q.dtype and rel_err(out, ref) <= TOL[torch.float32]
-    out_buf = torch.full((b, nq, h, d), float("nan"), device=DEVICE)
-    out_view = out_buf.transpose(1, 2)
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="sdpa",
-                          out=out_view)
-    assert not torch.isnan(out_buf).any() and rel_err(out_view, ref) <= TOL[torch.float32]
+    check_strided("sdpa", nq=45, nk=38, device=DEVICE, gen=torch.Generator().manual_seed(3))
 
 
 def test_capabilities_and_errors():
@@ -208,15 +191,7 @@ def test_capabilities_and_errors():
 @pytest.mark.parametrize("nq,d", SD14_SHAPES)
 @pytest.mark.parametrize("form", ["plain", "qk", "probs", "probs8", "lowrank"])
 def test_sd14_shapes(form, nq, d, dtype):
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(nq + d)
-    q, k, v, kv_frames, source, src64, mask = sd14_case(form, nq, d, dtype, gen=gen, device=dev)
-    out = torch.full_like(q, float("nan"))
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend="sdpa", out=out)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "some output elements were never written (or are NaN)"
-    err = chunked_oracle_err(out, q, k, v, kv_frames, src64, mask, d ** -0.5, head_chunk=2)
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+    check_sd14("sdpa", form, nq, d, dtype)
 
 
 def test_cases_cover_the_issue():

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytest.importorskip("triton")
 
-from attention_cases import (HEAD_DIMS, INDEX_LISTS, SD14_SHAPES, TOL, chunked_oracle_err,  # noqa: E402
-                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned, sd14_case)
+from attention_cases import (HEAD_DIMS, INDEX_LISTS, SD14_SHAPES, TOL, check_sd14, check_strided,  # noqa: E402
+                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
 
 from fatezero_fast import ops  # noqa: E402
 from fatezero_fast.ops import reference  # noqa: E402
@@ -169,28 +169,7 @@ def test_uniform_blocks_skip_the_unused_stream():
 def test_strided_inputs_and_allocated_output():
     """Non-contiguous q/k/v (diffusers' (B, N, H, D) viewed as (B, H, N, D)), out=None, bool mask."""
     _require_backend()
-    gen = torch.Generator().manual_seed(3)
-    b, h, nq, nk, d = 2, 2, 20, 20, 40
-    q = torch.randn(b, nq, h, d, generator=gen).to(DEVICE).transpose(1, 2)
-    kv = torch.randn(b, nk, 2, h, d, generator=gen).to(DEVICE)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    assert not q.is_contiguous() and not k.is_contiguous()
-    kv_frames = resolve_frame_index(["first", -1], b).to(DEVICE)
-    source, source64 = _make_source("probs", b, h, nq, nk, d, 2, torch.float32, gen, torch.float32)
-    p_t = source[1].transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major map
-    mask = torch.rand(b, nq, generator=gen).to(DEVICE) > 0.5
-    out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="triton")
-    assert out.shape == q.shape and out.dtype == q.dtype
-    ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
-                                                source=source64, mask=mask.double())
-    assert rel_err(out, ref) <= 1e-5
-    # out given as a strided view is written in place
-    out_buf = torch.full((b, nq, h, d), float("nan"), device=DEVICE)
-    out_view = out_buf.transpose(1, 2)
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="triton",
-                          out=out_view)
-    assert not torch.isnan(out_buf).any()
-    assert rel_err(out_view, ref) <= 1e-5
+    check_strided("triton", nq=20, nk=20, device=DEVICE, gen=torch.Generator().manual_seed(3), tol=1e-5)
 
 
 def test_available():
@@ -248,17 +227,9 @@ class TestGPU:
     @pytest.mark.parametrize("nq,d", SHAPES)
     @pytest.mark.parametrize("form", [None, "qk", "probs", "probs8", "lowrank"])
     def test_sd14_shapes(self, dtype, nq, d, form):
-        gen = torch.Generator(device="cuda").manual_seed(nq + d)
         index_list = [-1, "first", "last"] if form == "probs8" else [-1, "first"]
-        q, k, v, kv_frames, source, src64, mask = sd14_case(form or "plain", nq, d, dtype, gen=gen,
-                                                            device=torch.device("cuda"), index_list=index_list)
-        out = torch.full_like(q, float("nan"))
-        ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend="triton", out=out)
-        torch.cuda.synchronize()
-        assert not torch.isnan(out).any()
-        err = chunked_oracle_err(out, q, k, v, kv_frames, src64, mask, head_chunk=2)
-        tol = TOL[dtype] if form != "probs8" else 2e-2
-        assert err <= tol, f"relative error {err:.3g} > {tol:g}"
+        check_sd14("triton", form or "plain", nq, d, dtype, index_list=index_list,
+                   tol=TOL[dtype] if form != "probs8" else 2e-2)
 
 
 def test_pipeline_end_to_end_equals_the_reference_backend():
