@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..capabilities import PROBS_DTYPES, Capabilities
+from ..capabilities import Capabilities
 from ..source import Source, SourceForm
 
 _OP_NAME = "fatezero_fast::blended_attention"
@@ -27,7 +27,7 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _PROBS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 _FORMS = (SourceForm.NONE, SourceForm.QK, SourceForm.PROBS)
 CAPABILITIES = Capabilities(dtypes={"cuda": _SUPPORTED_DTYPES}, forms=_FORMS,
-                            probs_dtypes=PROBS_DTYPES + (torch.float64,),
+                            probs_dtypes=_PROBS_DTYPES + (torch.float64,),  # float64 maps are cast to float32
                             notes={"cuda": "float32 goes to the triton or sdpa backend"})
 
 _ext_state = None  # None: not tried yet; True / False: whether fatezero_fast._C imported
