@@ -8,65 +8,25 @@ import itertools
 
 import pytest
 import torch
+from attention_cases import (DTYPES, HEAD_DIMS, INDEX_LISTS, MASKS, TOL, fp8_map, make_mask, make_qkv, probs_map,
+                             reference64, rel_err, run_poisoned)
 
 from fatezero_fast import ops
 from fatezero_fast.ops.backends import cpu as cpu_backend
-from fatezero_fast.ops.reference import blended_attention_reference, gather_frames
+from fatezero_fast.ops.reference import gather_frames
 from fatezero_fast.semantics.frames import resolve_frame_index
 
 if not cpu_backend.available():
     pytest.skip(f"fatezero_fast._C is not built ({cpu_backend.load_error()}): "
                 "run `pip install --no-build-isolation -e .`", allow_module_level=True)
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-DTYPES = list(TOL)
-HEAD_DIMS = (40, 64, 80, 160)
-INDEX_LISTS = (["mid"], [-1, "first"], [-2, -1, "last"])  # R = 1, 2, 3; duplicates and clipping
-MASKS = ("none", "zeros", "ones", "binary", "fractional")
-
-
-def make_mask(kind, b, nq):
-    if kind == "none":
-        return None
-    if kind == "zeros":
-        return torch.zeros(b, nq)
-    if kind == "ones":
-        return torch.ones(b, nq)
-    if kind == "binary":
-        mask = (torch.rand(b, nq) > 0.5).float()
-        mask[0, :40] = 1.0  # uniform and mixed query tiles side by side
-        mask[-1, :40] = 0.0
-        return mask
-    return torch.rand(b, nq)
-
 
 def qkv(b, h, nq, nk, d, dtype, frames=None):
-    frames = b if frames is None else frames
-    return (torch.randn(b, h, nq, d).to(dtype), torch.randn(frames, h, nk, d).to(dtype),
-            torch.randn(frames, h, nk, d).to(dtype))
-
-
-def probs_map(b, h, nq, nk_total):
-    """A realistic source map: rows of a softmax with sharp and flat regions."""
-    return torch.softmax(3 * torch.randn(b, h, nq, nk_total), dim=-1)
+    return make_qkv(b, h, nq, nk, d, dtype, frames=frames)
 
 
 def run_cpu(q, k, v, kv_frames, source=None, mask=None, scale=None):
-    out = torch.full_like(q, float("nan"))
-    result = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, scale=scale,
-                                   backend="cpu", out=out)
-    assert result is out
-    assert not torch.isnan(out).any(), "the kernel left elements unwritten (NaN poison) or produced NaN"
-    return out
-
-
-def reference64(q, k, v, kv_frames, source=None, mask=None, scale=None):
-    return blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
-                                       source=source, mask=mask, scale=scale)
-
-
-def rel_err(a, b):
-    return ((a.double() - b).abs().max() / b.abs().max()).item()
+    return run_poisoned("cpu", q, k, v, kv_frames, source, mask, scale)
 
 
 def check(q, k, v, kv_frames, source=None, mask=None, scale=None):
@@ -104,10 +64,9 @@ def test_probs_source(p_dtype, dtype, mask_kind):
     b, h, nq, nk, d = 3, 2, 129, 70, 80 if dtype == torch.float16 else 40
     q, k, v = qkv(b, h, nq, nk, d, dtype)
     kv_frames = resolve_frame_index([-1, "first"], b)
-    p_s = probs_map(b, h, nq, kv_frames.shape[1] * nk)
+    p_s = probs_map(b, h, nq, kv_frames.shape[1] * nk, sharpness=3.0)
     if p_dtype == "float8_e4m3fn":  # per-row scaled fp8, as the fp8 store keeps it
-        row_scale = p_s.amax(dim=-1) / 448.0
-        source = ("probs", (p_s / row_scale[..., None]).to(torch.float8_e4m3fn), row_scale)
+        source = ("probs", *fp8_map(p_s))
     else:
         source = ("probs", p_s.to(getattr(torch, p_dtype)))
     check(q, k, v, kv_frames, source, make_mask(mask_kind, b, nq))
@@ -164,14 +123,14 @@ def test_uniform_masks_match_single_streams(dtype):
     assert torch.equal(run_cpu(q, k, v, kv_frames, source, torch.zeros(b, nq)), source_only)
     assert torch.equal(run_cpu(q, k, v, kv_frames, source, None), source_only)
 
-    mask = make_mask("binary", b, nq)
+    mask = make_mask("mixed", b, nq)
     mixed = run_cpu(q, k, v, kv_frames, source, mask)
     rows = mask.bool()[:, None, :].expand(b, h, nq)
     torch.testing.assert_close(mixed[rows], plain[rows], rtol=0, atol=0)
     torch.testing.assert_close(mixed[~rows], source_only[~rows], rtol=0, atol=0)
 
     # stored maps: mask all zeros is exactly P_s V_e
-    p_s = probs_map(b, h, nq, kv_frames.shape[1] * nk)
+    p_s = probs_map(b, h, nq, kv_frames.shape[1] * nk, sharpness=3.0)
     expected = p_s.double() @ gather_frames(v, kv_frames).double()
     for m in (None, torch.zeros(b, nq)):
         out = run_cpu(q, k, v, kv_frames, ("probs", p_s), m)

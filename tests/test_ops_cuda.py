@@ -10,20 +10,18 @@ latents, where the float8 map at 4096 tokens and R = 3 has more than 2**31 eleme
 
 The CPU-only tests check `available()` and the ValueErrors of what the kernel does not cover.
 """
-import math
 import zlib
 
 import pytest
 import torch
+from attention_cases import (INDEX_LISTS, MASKS, SD14_SHAPES, TOL, check_sd14, check_strided, chunked_oracle_err,
+                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
 
 from fatezero_fast import ops
-from fatezero_fast.ops import reference
 from fatezero_fast.ops.backends import cuda as cuda_backend
 from fatezero_fast.semantics.frames import resolve_frame_index
 
-TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
-INDEX_LISTS = (["mid"], [-1, "first"], [-2, -1, "last"])  # R = 1, 2, 3 (clipping, duplicates)
-MASKS = ("none", "zeros", "ones", "mixed", "fractional")
+TOL = {dtype: TOL[dtype] for dtype in (torch.float16, torch.bfloat16)}  # the kernel takes fp16 and bf16
 # (form, P_s dtype, with row scale)
 SOURCES = (
     (None, None, False),
@@ -43,102 +41,21 @@ needs_kernel = pytest.mark.skipif(not _HAVE_KERNEL, reason=f"the CUDA kernel is 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-def _rel_err_parts(out, ref):
-    return (out.double() - ref.double()).abs().max().item(), ref.double().abs().max().item()
-
-
-def _make_source(form, pdtype, with_scale, b, h, nq, nk, d, n_ref, dtype, gen, dev):
-    """(source for the kernel, source for the float64 oracle)."""
-    if form is None:
-        return None, None
-    if form == "qk":
-        q_s = (1.5 * torch.randn(b, h, nq, d, generator=gen, device=dev)).to(dtype)
-        k_s = torch.randn(b, h, nk, d, generator=gen, device=dev).to(dtype)
-        return ("qk", q_s, k_s), ("qk", q_s.double(), k_s.double())
-    p_s = torch.empty(b, h, nq, n_ref * nk, dtype=pdtype, device=dev)
-    row_scale = torch.empty(b, h, nq, dtype=torch.float32, device=dev) if with_scale else None
-    for i in range(b):  # one frame at a time: bounded temporaries at SD sizes
-        p = torch.softmax(2.0 * torch.randn(h, nq, n_ref * nk, generator=gen, device=dev), dim=-1)
-        if pdtype == torch.float8_e4m3fn:
-            row_scale[i] = p.amax(-1) / 448.0
-            p_s[i] = (p / row_scale[i][..., None]).to(pdtype)
-        elif with_scale:  # any dtype may carry a row scale
-            row_scale[i] = torch.rand(h, nq, generator=gen, device=dev) + 0.5
-            p_s[i] = p.to(pdtype)
-        else:
-            p_s[i] = p.to(pdtype)
-        del p
-    if row_scale is None:
-        return ("probs", p_s), ("probs", p_s)
-    return ("probs", p_s, row_scale), ("probs", p_s, row_scale)
-
-
-def _make_mask(kind, b, nq, gen, dev):
-    if kind == "none":
-        return None
-    if kind == "zeros":
-        return torch.zeros(b, nq, device=dev)
-    if kind == "ones":
-        return torch.ones(b, nq, device=dev)
-    if kind == "mixed":  # binary: all-1, all-0 and mixed 64-row blocks side by side
-        m = (torch.rand(b, nq, generator=gen, device=dev) > 0.5).float()
-        if nq > 128:
-            m[:, :64] = 1.0
-            m[:, 64:128] = 0.0
-        if b >= 3:  # whole frames uniform too, the middle ones stay mixed
-            m[0] = 1.0
-            m[-1] = 0.0
-        return m
-    if kind == "fractional":
-        return torch.rand(b, nq, generator=gen, device=dev)
-    raise ValueError(kind)
-
-
-def _slice_source(src, b, h0, h1):
-    if src is None:
-        return None
-    if src[0] == "qk":  # k_s is per frame: all frames, the head slice
-        return ("qk", src[1][b:b + 1, h0:h1].double(), src[2][:, h0:h1].double())
-    return ("probs",) + tuple(t[b:b + 1, h0:h1].float().double() for t in src[1:])
-
-
-def _oracle_err(out, q, k, v, kv_frames, src64, mask, scale, head_chunk):
-    """max |out - ref| / max |ref| with the float64 oracle computed per (frame, head chunk)."""
-    err, top = 0.0, 0.0
-    for b in range(q.shape[0]):
-        for h0 in range(0, q.shape[1], head_chunk):
-            h1 = min(h0 + head_chunk, q.shape[1])
-            ref = reference.blended_attention_reference(
-                q[b:b + 1, h0:h1].double(), k[:, h0:h1].double(), v[:, h0:h1].double(),
-                kv_frames=kv_frames[b:b + 1], source=_slice_source(src64, b, h0, h1),
-                mask=None if mask is None else mask[b:b + 1].double(), scale=scale)
-            e, t = _rel_err_parts(out[b:b + 1, h0:h1], ref)
-            err, top = max(err, e), max(top, t)
-            del ref
-    return err / max(top, 1e-30)
-
-
 def _run_case(d, dtype, source_spec, mask_kind, index_list, *, b=3, h=2, nq=37, nk=70, seed=0, scale=None,
               head_chunk=8):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(seed)
     form, pdtype, with_scale = source_spec
-    q = (1.5 * torch.randn(b, h, nq, d, generator=gen, device=dev)).to(dtype)
-    k = torch.randn(b, h, nk, d, generator=gen, device=dev).to(dtype)
-    v = torch.randn(b, h, nk, d, generator=gen, device=dev).to(dtype)
+    q, k, v = make_qkv(b, h, nq, nk, d, dtype, gen=gen, device=dev, q_scale=1.5)
     kv_frames = resolve_frame_index(index_list, b).to(dev)
     n_ref = kv_frames.shape[1]
-    source, src64 = _make_source(form, pdtype, with_scale, b, h, nq, nk, d, n_ref, dtype, gen, dev)
-    mask = None if form is None else _make_mask(mask_kind, b, nq, gen, dev)
-    out = torch.full_like(q, float("nan"))
-    result = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, scale=scale,
-                                   backend="cuda", out=out)
-    assert result.data_ptr() == out.data_ptr()
-    torch.cuda.synchronize()
-    assert out.dtype == dtype
-    assert not torch.isnan(out).any(), "some output elements were never written (or are NaN)"
+    source, src64 = make_source(form, b, h, nq, nk, d, n_ref, dtype, gen=gen, device=dev, probs_dtype=pdtype,
+                                row_scale=with_scale, q_scale=1.5)
+    mask = None if form is None else make_mask(mask_kind, b, nq, gen=gen, device=dev, block=64)
+    out = run_poisoned("cuda", q, k, v, kv_frames, source, mask, scale)
     tol = TOL[dtype]
-    err = _oracle_err(out, q, k, v, kv_frames, src64, mask, d ** -0.5 if scale is None else scale, head_chunk)
+    err = chunked_oracle_err(out, q, k, v, kv_frames, src64, mask, d ** -0.5 if scale is None else scale,
+                             head_chunk)
     assert err <= tol, f"relative error {err:.3g} > {tol:g}"
 
 
@@ -219,10 +136,8 @@ def test_custom_scale_single_frame_and_more_kv_frames_than_queries():
     mask = (torch.rand(2, 70, generator=gen, device=dev) > 0.5).float()
     out = torch.full_like(q, float("nan"))
     ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("qk", q_s, k_s), mask=mask, backend="cuda", out=out)
-    ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
-                                                source=("qk", q_s.double(), k_s.double()), mask=mask.double())
-    e, t = _rel_err_parts(out, ref)
-    assert e / t <= TOL[torch.float16]
+    ref = reference64(q, k, v, kv_frames, ("qk", q_s.double(), k_s.double()), mask)
+    assert rel_err(out, ref) <= TOL[torch.float16]
 
 
 @gpu
@@ -239,13 +154,12 @@ def test_uniform_blocks_skip_the_unused_stream():
     ones, zeros = torch.ones(b, nq, device=dev), torch.zeros(b, nq, device=dev)
     nan = float("nan")
     # all ones: a NaN source must not reach the output
-    ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames)
+    ref = reference64(q, k, v, kv_frames)
     for source in (("qk", torch.full_like(q, nan), torch.full_like(k, nan)),
                    ("probs", torch.full((b, h, nq, 2 * nk), nan, device=dev))):
         out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=ones, backend="cuda")
         assert not torch.isnan(out).any(), f"{source[0]}: an all-1 block read the source"
-        e, t = _rel_err_parts(out, ref)
-        assert e / t <= TOL[torch.float16]
+        assert rel_err(out, ref) <= TOL[torch.float16]
     # all zeros: the edit's q (and k) are irrelevant
     q_s, k_s = torch.randn_like(q), torch.randn_like(k)
     p_s = torch.softmax(torch.randn(b, h, nq, 2 * nk, generator=gen, device=dev), -1)
@@ -253,42 +167,18 @@ def test_uniform_blocks_skip_the_unused_stream():
         out = ops.blended_attention(torch.full_like(q, nan), k_in, v, kv_frames=kv_frames, source=source,
                                     mask=zeros, backend="cuda")
         src64 = (source[0],) + tuple(t.double() for t in source[1:])
-        ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
-                                                    source=src64, mask=zeros.double())
+        ref = reference64(q, k, v, kv_frames, src64, zeros)
         assert not torch.isnan(out).any(), f"{source[0]}: an all-0 block computed the edit stream"
-        e, t = _rel_err_parts(out, ref)
-        assert e / t <= TOL[torch.float16]
+        assert rel_err(out, ref) <= TOL[torch.float16]
 
 
 @gpu
 @needs_kernel
 def test_strided_inputs_bool_mask_and_strided_out():
-    """Non-contiguous q/k/v (diffusers' (B, N, H, D) viewed as (B, H, N, D)), out=None, bool mask,
-    a column-major P_s and an out given as a strided view (written in place)."""
+    """Non-contiguous q/k/v, out=None, bool mask, a column-major P_s and an out given as a strided view."""
     dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(3)
-    b, h, nq, nk, d = 2, 2, 70, 70, 40
-    q = torch.randn(b, nq, h, d, generator=gen, device=dev).half().transpose(1, 2)
-    kv = torch.randn(b, nk, 2, h, d, generator=gen, device=dev).half()
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    assert not q.is_contiguous() and not k.is_contiguous()
-    kv_frames = resolve_frame_index(["first", -1], b).to(dev)
-    p = torch.softmax(torch.randn(b, h, nq, 2 * nk, generator=gen, device=dev), -1)
-    p_t = p.transpose(-1, -2).contiguous().transpose(-1, -2)
-    mask = torch.rand(b, nq, generator=gen, device=dev) > 0.5
-    ref = reference.blended_attention_reference(q.double(), k.double(), v.double(), kv_frames=kv_frames,
-                                                source=("probs", p.double()), mask=mask.double())
-    out = ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="cuda")
-    assert out.shape == q.shape and out.dtype == q.dtype
-    e, t = _rel_err_parts(out, ref)
-    assert e / t <= TOL[torch.float16]
-    out_buf = torch.full((b, nq, h, d), float("nan"), device=dev, dtype=torch.float16)
-    out_view = out_buf.transpose(1, 2)
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=("probs", p_t), mask=mask, backend="cuda",
-                          out=out_view)
-    assert not torch.isnan(out_buf).any()
-    e, t = _rel_err_parts(out_view, ref)
-    assert e / t <= TOL[torch.float16]
+    check_strided("cuda", nq=70, nk=70, dtype=torch.float16, device=dev,
+                  gen=torch.Generator(device=dev).manual_seed(3))
 
 
 @gpu
@@ -316,39 +206,10 @@ def test_op_checks_and_bad_frames():
 # ---------------------------------------------------------------------------------------------
 # GPU: SD-1.4 shapes (8 frames x 8 heads; 64x64, 32x32, 16x16 latents)
 
-def _sd_mask(b, nq, dev, gen):
-    """A spatially coherent blend mask: uniform and mixed 64-row blocks; per frame variants."""
-    side = int(math.isqrt(nq))
-    yy, xx = torch.meshgrid(torch.arange(side, device=dev), torch.arange(side, device=dev), indexing="ij")
-    disk = ((xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2).float().reshape(1, nq)
-    mask = disk.expand(b, nq).clone()
-    mask[1] = torch.rand(nq, generator=gen, device=dev)  # fractional
-    mask[2] = 0.0
-    mask[3] = 1.0
-    return mask
-
-
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("nq,d", [(4096, 40), (1024, 80), (256, 160)])
+@pytest.mark.parametrize("nq,d", SD14_SHAPES)
 @pytest.mark.parametrize("form", ["plain", "qk", "probs", "probs8"])
 def test_sd14_shapes(form, nq, d, dtype):
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(nq + d)
-    b, h = 8, 8
-    index_list = {"plain": ["mid"], "qk": [-1, "first"], "probs": [-1, "first"], "probs8": [-2, -1, "last"]}[form]
-    q = (1.5 * torch.randn(b, h, nq, d, generator=gen, device=dev)).to(dtype)
-    k = torch.randn(b, h, nq, d, generator=gen, device=dev).to(dtype)
-    v = torch.randn(b, h, nq, d, generator=gen, device=dev).to(dtype)
-    kv_frames = resolve_frame_index(index_list, b).to(dev)
-    spec = {"plain": (None, None, False), "qk": ("qk", None, False), "probs": ("probs", dtype, False),
-            "probs8": ("probs", torch.float8_e4m3fn, True)}[form]
-    source, src64 = _make_source(*spec, b, h, nq, nq, d, kv_frames.shape[1], dtype, gen, dev)
-    mask = None if source is None else _sd_mask(b, nq, dev, gen)
-    out = torch.full_like(q, float("nan"))
-    ops.blended_attention(q, k, v, kv_frames=kv_frames, source=source, mask=mask, backend="cuda", out=out)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "some output elements were never written (or are NaN)"
-    err = _oracle_err(out, q, k, v, kv_frames, src64, mask, d ** -0.5, head_chunk=2)
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+    check_sd14("cuda", form, nq, d, dtype)

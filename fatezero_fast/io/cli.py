@@ -2,7 +2,7 @@
 
     fatezero-fast edit  [--config FILE] [--model DIR] [--video PATH] --target-prompt ... -o OUT
     fatezero-fast invert --video PATH --source-prompt ... -o INVERSION_DIR
-    fatezero-fast info
+    fatezero-fast info [--selftest [--json PATH]]
 
 The flags are in io.flags, the checks of the input in io.inputs.
 
@@ -13,6 +13,7 @@ only when the run succeeds (io.output), so a failed run leaves every earlier res
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_args(invert)
     add_output_args(invert, "out/inversion")
 
-    sub.add_parser("info", help="backends, device and versions")
+    info = sub.add_parser("info", help="backends (auto's order and why one is passed over), device and versions")
+    info.add_argument("--selftest", action="store_true",
+                      help="run every available backend over a fixed matrix against the reference; one row per "
+                           "case; exit code 1 if any case fails")
+    info.add_argument("--json", metavar="PATH", help="with --selftest: also write the rows and versions as JSON")
     return parser
 
 
@@ -277,12 +282,13 @@ def _write_edits(pipe, inversion, job, args, out: Path, record) -> list[dict]:
     return summary
 
 
-def cmd_info(args) -> None:
+def cmd_info(args) -> int:
     import platform
 
     import torch
 
     from .. import __version__, ops
+    from ..ops import dispatch
     from ..ops.backends import cpu as cpu_backend
     from ..ops.backends import cuda as cuda_backend
 
@@ -297,10 +303,32 @@ def cmd_info(args) -> None:
     lines.append(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA)'}")
     lines.append(f"C++ CPU ops: {'built' if cpu_backend.available() else 'not built'}; "
                  f"CUDA ops: {'built' if cuda_backend.available() else 'not available'}")
-    lines.append(f"blended_attention backends on cpu: {', '.join(ops.available_backends('cpu'))}")
-    if cuda:
-        lines.append(f"blended_attention backends on cuda: {', '.join(ops.available_backends('cuda'))}")
-    print("\n".join(lines))
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    for device in devices:
+        lines.append(f"blended_attention backends on {device}: {', '.join(ops.available_backends(device))}")
+    for device in devices:
+        lines += dispatch.explain(device)
+    lines.append("self-check at first use: " + ("on" if ops.selfcheck.enabled() else
+                                                f"off ({ops.selfcheck.ENV_SWITCH}=0)"))
+    print("\n".join(lines), flush=True)
+    if not args.selftest:
+        return 0
+    print()
+    environment = ops.selfcheck.environment()
+
+    def write(rows, complete=False):  # after every case: a run cut short keeps its rows
+        if args.json:
+            failed = sum(r["status"] != "pass" for r in rows)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"environment": environment, "info": lines, "complete": complete,
+                                                   "passed": len(rows) - failed, "failed": failed, "rows": rows},
+                                                  indent=1))
+
+    rows = ops.selfcheck.selftest(report=lambda line: print(line, flush=True), on_row=write)
+    write(rows, complete=True)
+    failed = sum(r["status"] != "pass" for r in rows)
+    print(f"selftest: {len(rows) - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
@@ -321,13 +349,13 @@ def main(argv=None) -> int:
         if quiet:
             sys.stdout = sys.stderr = devnull
         try:
-            {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
+            rc = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command](args)
         except InputError as exc:
             print(f"error: {name_flags(str(exc), getattr(args, 'from_config', set()))}", file=stderr)
             return 2
         finally:
             sys.stdout, sys.stderr = stdout, stderr
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

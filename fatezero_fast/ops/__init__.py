@@ -1,9 +1,11 @@
 """The fused ops: FateZero's blended spatio-temporal attention and its blend mask.
 
-`blended_attention` and `blend_mask` pick a backend (ops/backends/: cpu, cuda, triton) and
-check their inputs; `reference` holds the materialized plain-PyTorch oracles they are tested
-against; `SourceForm` names the ways the source attention can be handed in.
+`blended_attention` and `blend_mask` check their inputs and pick a backend (ops/backends/: cpu,
+cuda, sdpa, triton): `capabilities` says what each supports, `dispatch` walks auto's priority list
+and `selfcheck` checks a backend against `reference` (the materialized plain-PyTorch oracles) at
+first use; `SourceForm` names the ways the source attention can be handed in.
 """
+from . import dispatch, selfcheck
 from .api import (
     BACKENDS,
     BLEND_MASK_BACKENDS,
@@ -13,4 +15,5 @@ from .api import (
 )
 from .source import SourceForm
 
-__all__ = ["BACKENDS", "BLEND_MASK_BACKENDS", "SourceForm", "available_backends", "blend_mask", "blended_attention"]
+__all__ = ["BACKENDS", "BLEND_MASK_BACKENDS", "SourceForm", "available_backends", "blend_mask", "blended_attention",
+           "dispatch", "selfcheck"]

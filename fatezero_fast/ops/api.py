@@ -1,4 +1,4 @@
-"""The fused ops, one dispatching entry each: triton | cuda | cpu | reference.
+"""The fused ops, one dispatching entry each: triton | cuda | sdpa | cpu | reference (ops.dispatch picks for auto).
 
 `blended_attention` computes FateZero's spatio-temporal self-attention with the source map
 fused on the fly (docs/design.md, "The fused op"):
@@ -14,38 +14,20 @@ C++/CUDA op, bit for bit `reference.blend_mask_reference` (see backends/mask.py 
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from . import reference
-from .backends import cpu as _cpu
-from .backends import cuda as _cuda
+from . import dispatch, reference
 from .backends import mask as _mask
-from .backends import triton as _triton
+from .capabilities import Call
 from .source import Source, SourceForm
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+BACKENDS = ("auto",) + dispatch.BACKEND_NAMES
 BLEND_MASK_BACKENDS = ("auto", "cpu", "cuda", "reference")
-_warned_fallback = False
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on `device` in this installation."""
-    device = torch.device(device)
-    names = []
-    if device.type == "cuda":
-        if _triton.available(device):
-            names.append("triton")
-        if _cuda.available():
-            names.append("cuda")
-    else:
-        if _cpu.available():
-            names.append("cpu")
-        if _triton.available(device):
-            names.append("triton")
-    names.append("reference")
-    return names
+    """Backends that can run on `device` in this installation (auto's priority list first)."""
+    return dispatch.available_backends(device)
 
 
 def _check_inputs(q, k, v, kv_frames, source, mask) -> Source:
@@ -74,21 +56,6 @@ def _check_inputs(q, k, v, kv_frames, source, mask) -> Source:
     return parsed
 
 
-def _pick_backend(device: torch.device, source) -> str:
-    global _warned_fallback
-    for name in available_backends(device):
-        if name == "cuda" and source.form is SourceForm.LOWRANK:
-            continue  # the CUDA kernel covers plain, qk and probs; Triton takes low-rank
-        if name != "reference":
-            return name
-    if not _warned_fallback:
-        warnings.warn("fatezero_fast._C is not built and no GPU kernel is available: blended_attention "
-                      "falls back to the materialized reference (O(N^2) memory). Reinstall with "
-                      "`pip install --no-build-isolation -e .` to get the C++ CPU kernel.")
-        _warned_fallback = True
-    return "reference"
-
-
 def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_frames: torch.Tensor,
                       source=None, mask: torch.Tensor | None = None, scale: float | None = None,
                       backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,25 +65,24 @@ def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_f
     each query frame attends to; source: None, ("qk", q_s, k_s), ("probs", P_s[, row_scale]) or
     ("lowrank", U, W); mask: (B, Nq) in [0, 1], 1 = edit attention, 0 = source (None with a source:
     full source). Returns (B, H, Nq, D) in q's dtype, written into `out` when given.
+
+    backend: "auto" (the first backend of the device's priority list that supports the call and
+    passes its self-check at first use, see ops.dispatch), or one of triton, cuda, sdpa, cpu,
+    reference: then it must be available, support the call and pass its self-check, or this raises.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
     source = _check_inputs(q, k, v, kv_frames, source, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kv_frames = kv_frames.to(device=q.device, dtype=torch.long)
-    if backend == "auto":
-        backend = _pick_backend(q.device, source)
-    elif backend not in available_backends(q.device):
-        raise RuntimeError(f"backend {backend!r} is not available on {q.device}: "
-                           f"available here: {available_backends(q.device)}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must be shaped, typed and placed like q {tuple(q.shape)} {q.dtype} {q.device}")
-    if backend == "reference":
-        result = reference.blended_attention_reference(q, k, v, kv_frames=kv_frames, source=source,
-                                                       mask=mask, scale=scale)
-        return result if out is None else out.copy_(result)
-    impl = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}[backend]
-    return impl.blended_attention(q, k, v, kv_frames, source, mask, scale, out=out)
+    call = Call.of(q, source, mask)
+    if backend == "auto":
+        backend = dispatch.choose(call)
+    else:
+        dispatch.require(backend, call)
+    return dispatch.BACKENDS_BY_NAME[backend].run(q, k, v, kv_frames, source, mask, scale, out=out)
 
 
 def blend_mask(token_maps: torch.Tensor, weights: torch.Tensor, threshold: float, size, use_pool: bool = True,

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from ..capabilities import FLOAT_DTYPES, PROBS_DTYPES, Capabilities
 from ..source import Source, SourceForm
+
+CAPABILITIES = Capabilities(dtypes={"cpu": FLOAT_DTYPES},
+                            probs_dtypes=PROBS_DTYPES + tuple(getattr(torch, n) for n in ("float8_e5m2",)
+                                                              if hasattr(torch, n)))
 
 _op = None          # torch.ops.fatezero_fast.blended_attention once loaded
 _load_error = None  # why it could not be loaded (str), once tried
@@ -26,8 +31,10 @@ def _load():
     return _op
 
 
-def load_error() -> str | None:
-    """Why the C++ extension is unavailable (None when it loaded)."""
+def load_error(device=None) -> str | None:
+    """Why the backend cannot run on `device` (None when the C++ extension loaded and the device is the CPU)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return "runs on cpu only"
     _load()
     return _load_error
 
@@ -41,7 +48,7 @@ def available(device=None) -> bool:
 
 def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     """out = M softmax(Q K_e^T s) V_e + (1 - M) P_s V_e on CPU; inputs validated and `source` parsed by ops.api."""
-    source = Source.of(source)
+    source = Source.of(source)  # parsed by ops.api; a tuple or None when called directly
     op = _load()
     if op is None:
         raise RuntimeError(f"the cpu backend needs fatezero_fast._C ({_load_error}); rebuild with "

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import torch
 
+from ..capabilities import Capabilities
 from ..source import Source, SourceForm
 
 _OP_NAME = "fatezero_fast::blended_attention"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _PROBS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 _FORMS = (SourceForm.NONE, SourceForm.QK, SourceForm.PROBS)
+CAPABILITIES = Capabilities(dtypes={"cuda": _SUPPORTED_DTYPES}, forms=_FORMS,
+                            probs_dtypes=_PROBS_DTYPES + (torch.float64,),  # float64 maps are cast to float32
+                            notes={"cuda": "float32 goes to the triton or sdpa backend"})
 
 _ext_state = None  # None: not tried yet; True / False: whether fatezero_fast._C imported
 _ext_error = None
@@ -41,16 +45,18 @@ def _extension_loaded() -> bool:
     return _ext_state
 
 
-def load_error() -> str | None:
-    """Why the CUDA kernel is unavailable (None when it is available)."""
+def load_error(device=None) -> str | None:
+    """Why the CUDA kernel is unavailable on `device` (default: the current CUDA device; None when available)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return "runs on cuda only"
     if not torch.cuda.is_available():
         return "torch has no usable CUDA device"
     if not _extension_loaded():
         return f"fatezero_fast._C does not import ({_ext_error})"
     if not _has_cuda_kernel():
         return "fatezero_fast._C was built without the CUDA kernel (torch without CUDA at build time?)"
-    if not available():
-        return "the current CUDA device is older than sm80"
+    if not available(device):
+        return "the CUDA device is older than sm80"
     return None
 
 
@@ -97,7 +103,7 @@ def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     Raises ValueError for what the CUDA kernel does not cover: float32/float64 q, the
     low-rank source, P_s dtypes other than float32/float16/bfloat16/float8_e4m3fn.
     """
-    source = Source.of(source)
+    source = Source.of(source)  # parsed by ops.api; a tuple or None when called directly
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"the cuda backend supports float16 and bfloat16 inputs, got {q.dtype}: "
                          "use the triton or cpu backend")

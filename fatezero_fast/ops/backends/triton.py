@@ -10,6 +10,14 @@ import importlib.util
 import os
 import sys
 
+import torch
+
+from ..capabilities import FLOAT_DTYPES, Capabilities
+
+# On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), where bf16 tl.dot is wrong.
+CAPABILITIES = Capabilities(dtypes={"cuda": FLOAT_DTYPES, "cpu": (torch.float32, torch.float16)},
+                            notes={"cpu": "bf16 tl.dot is wrong in Triton's interpreter"})
+
 _KERNELS = "fatezero_fast.kernels"
 
 
@@ -49,19 +57,26 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(device=None) -> bool:
-    """True on CUDA when triton imports; on CPU only under TRITON_INTERPRET=1 (the interpreter)."""
-    import torch
-
+def load_error(device=None) -> str | None:
+    """Why the backend cannot run on `device` (None when it can): CUDA when triton imports; the CPU
+    only under TRITON_INTERPRET=1 (the interpreter)."""
     device = torch.device("cpu" if device is None else device)
     if not _triton_importable():
-        return False
+        return "triton is not installed"
     if device.type == "cuda":
-        return torch.cuda.is_available()
-    if device.type != "cpu" or not _interpret_requested():
-        return False
-    # Kernels already imported in compiled mode cannot run on CPU tensors.
-    return _KERNELS not in sys.modules or bool(sys.modules[_KERNELS].INTERPRET)
+        return None if torch.cuda.is_available() else "torch has no usable CUDA device"
+    if device.type != "cpu":
+        return f"runs on cuda (and cpu in the interpreter) only, not {device.type}"
+    if not _interpret_requested():
+        return "on cpu only in Triton's interpreter (TRITON_INTERPRET=1 before the kernels are imported)"
+    if _KERNELS in sys.modules and not sys.modules[_KERNELS].INTERPRET:
+        return "the kernels were imported compiled, not interpreted: they cannot run on cpu tensors"
+    return None
+
+
+def available(device=None) -> bool:
+    """True on CUDA when triton imports; on CPU only under TRITON_INTERPRET=1 (the interpreter)."""
+    return load_error(device) is None
 
 
 def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
