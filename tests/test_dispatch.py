@@ -9,10 +9,10 @@ from attention_cases import TOL, make_mask, make_qkv, make_source, reference64, 
 
 from fatezero_fast import ops
 from fatezero_fast.io.cli import main
-from fatezero_fast.ops import dispatch, selfcheck
+from fatezero_fast.ops import dispatch, selfcheck, selftest
+from fatezero_fast.ops.backends import sdpa as sdpa_backend
 from fatezero_fast.ops.capabilities import Call
 from fatezero_fast.ops.dispatch import Backend, BackendWarning
-from fatezero_fast.ops.backends import sdpa as sdpa_backend
 from fatezero_fast.ops.source import Source, SourceForm
 from fatezero_fast.semantics.frames import resolve_frame_index
 
@@ -211,8 +211,8 @@ def test_info_prints_order_and_reasons(capsys):
 
 def test_info_selftest_exit_codes(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter takes seconds per case
-    monkeypatch.setattr(selfcheck, "SELFTEST_HEAD_DIMS", (40,))
-    monkeypatch.setattr(selfcheck, "SELFTEST_DTYPES", (torch.float32,))
+    monkeypatch.setattr(selftest, "SELFTEST_HEAD_DIMS", (40,))
+    monkeypatch.setattr(selftest, "SELFTEST_DTYPES", (torch.float32,))
     path = tmp_path / "selftest.json"
     assert main(["info", "--selftest", "--json", str(path)]) == 0
     out = capsys.readouterr().out

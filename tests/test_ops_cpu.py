@@ -8,8 +8,20 @@ import itertools
 
 import pytest
 import torch
-from attention_cases import (DTYPES, HEAD_DIMS, INDEX_LISTS, MASKS, TOL, fp8_map, make_mask, make_qkv, probs_map,
-                             reference64, rel_err, run_poisoned)
+from attention_cases import (
+    DTYPES,
+    HEAD_DIMS,
+    INDEX_LISTS,
+    MASKS,
+    TOL,
+    fp8_map,
+    make_mask,
+    make_qkv,
+    probs_map,
+    reference64,
+    rel_err,
+    run_poisoned,
+)
 
 from fatezero_fast import ops
 from fatezero_fast.ops.backends import cpu as cpu_backend

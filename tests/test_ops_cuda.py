@@ -14,8 +14,21 @@ import zlib
 
 import pytest
 import torch
-from attention_cases import (INDEX_LISTS, MASKS, SD14_SHAPES, TOL, check_sd14, check_strided, chunked_oracle_err,
-                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
+from attention_cases import (
+    INDEX_LISTS,
+    MASKS,
+    SD14_SHAPES,
+    TOL,
+    check_sd14,
+    check_strided,
+    chunked_oracle_err,
+    make_mask,
+    make_qkv,
+    make_source,
+    reference64,
+    rel_err,
+    run_poisoned,
+)
 
 from fatezero_fast import ops
 from fatezero_fast.ops.backends import cuda as cuda_backend

@@ -9,8 +9,23 @@ import zlib
 
 import pytest
 import torch
-from attention_cases import (DTYPES, FORMS, HEAD_DIMS, INDEX_LISTS, MASKS, SD14_SHAPES, TOL, check_sd14,
-                             check_strided, make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
+from attention_cases import (
+    DTYPES,
+    FORMS,
+    HEAD_DIMS,
+    INDEX_LISTS,
+    MASKS,
+    SD14_SHAPES,
+    TOL,
+    check_sd14,
+    check_strided,
+    make_mask,
+    make_qkv,
+    make_source,
+    reference64,
+    rel_err,
+    run_poisoned,
+)
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 

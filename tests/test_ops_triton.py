@@ -24,8 +24,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytest.importorskip("triton")
 
-from attention_cases import (HEAD_DIMS, INDEX_LISTS, SD14_SHAPES, TOL, check_sd14, check_strided,  # noqa: E402
-                             make_mask, make_qkv, make_source, reference64, rel_err, run_poisoned)
+from attention_cases import (  # noqa: E402
+    HEAD_DIMS,
+    INDEX_LISTS,
+    SD14_SHAPES,
+    TOL,
+    check_sd14,
+    check_strided,
+    make_mask,
+    make_qkv,
+    make_source,
+    reference64,
+    rel_err,
+    run_poisoned,
+)
 
 from fatezero_fast import ops  # noqa: E402
 from fatezero_fast.ops import reference  # noqa: E402

@@ -288,7 +288,7 @@ def cmd_info(args) -> int:
     import torch
 
     from .. import __version__, ops
-    from ..ops import dispatch
+    from ..ops import dispatch, selftest
     from ..ops.backends import cpu as cpu_backend
     from ..ops.backends import cuda as cuda_backend
 
@@ -324,7 +324,7 @@ def cmd_info(args) -> int:
                                                    "passed": len(rows) - failed, "failed": failed, "rows": rows},
                                                   indent=1))
 
-    rows = ops.selfcheck.selftest(report=lambda line: print(line, flush=True), on_row=write)
+    rows = selftest.selftest(report=lambda line: print(line, flush=True), on_row=write)
     write(rows, complete=True)
     failed = sum(r["status"] != "pass" for r in rows)
     print(f"selftest: {len(rows) - failed} passed, {failed} failed", flush=True)
