@@ -14,9 +14,11 @@ two accumulators:
     "lowrank" P_s = U W, so P_s V_e = U (W V_e); W V_e (r x D per batch/head, fp32) is
               computed beforehand by the caller and the product with U happens in the epilogue.
 
-The blend mask is read per query block first: a block whose mask is all 1 runs only the edit
-stream, all 0 only the source stream (a runtime `if` on the tile's min/max), mixed or
-fractional blocks run both. Head dims are padded to a power of two with masked loads, Nq and
+`_blended_attn_fwd` reads top to bottom in five stages: 1. load the query block; 2. read the
+block's blend mask and decide which streams run -- all 1 only the edit stream, all 0 only the
+source (a runtime `if` on the block's min/max), mixed or fractional blocks both; 3. run the one
+inner loop `_kv_loop` over the gathered K/V tiles, specialized to those streams; 4. epilogue:
+normalise and blend; 5. store. Head dims are padded to a power of two with masked loads, Nq and
 Nk tails are masked. fp32 inputs use IEEE fp32 dots (no TF32) so they match the fp32 oracle.
 
 Block sizes: `pick_config` chooses per head dim / dtype / source form for Hopper-class GPUs,
@@ -33,9 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fatezero_fast.ops.source import Source, SourceForm  # absolute: this folder may be imported as `kernels`
+from fatezero_fast.ops.source import (  # absolute: this folder may be imported as `kernels`
+    Source,
+    SourceForm,
+)
 
-__all__ = ["blended_attention_fwd", "launch_args", "lowrank_wv", "pick_config", "INTERPRET"]
+__all__ = ["INTERPRET", "blended_attention_fwd", "launch_args", "lowrank_wv", "pick_config"]
 
 LOG2E = 1.4426950408889634
 
@@ -64,8 +69,31 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _frame_tile(t, frame, cols, offs_d, col_ok, d_ok, TRANSPOSED: tl.constexpr):
+    """Tokens `cols` x channels `offs_d` of one frame of a per-frame tensor (F, N, D), zero past Nk and
+    the head dim. t = (pointer at this head, frame stride, token stride, channel stride).
+    TRANSPOSED: the (D, BLOCK_N) tile K^T of Q K^T; else the (BLOCK_N, D) tile V of P V."""
+    ptr, stride_f, stride_n, stride_d = t
+    if TRANSPOSED:
+        tile = tl.load(ptr + frame * stride_f + offs_d[:, None] * stride_d + cols[None, :] * stride_n,
+                       mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptr + frame * stride_f + cols[:, None] * stride_n + offs_d[None, :] * stride_d,
+                       mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _scores(q, kt, col_ok, qk_scale, IEEE: tl.constexpr):
+    # Q K^T * scale * log2(e) (qk_scale), -inf on the key columns past Nk.
+    qk = _dot(q, kt, IEEE) * qk_scale
+    return tl.where(col_ok[None, :], qk, -float("inf"))
+
+
+@triton.jit
 def _online_softmax_step(acc, l_i, m_i, qk, v, IEEE: tl.constexpr):
-    # qk: (BLOCK_M, BLOCK_N) log2-scaled scores, -inf on masked key columns.
+    # One key tile of softmax(qk) V, in base 2: m = running row max, l = running sum of 2^(qk - m),
+    # acc = running sum of 2^(qk - m) v; earlier terms are rescaled by 2^(m_old - m_new).
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
@@ -75,46 +103,56 @@ def _online_softmax_step(acc, l_i, m_i, qk, v, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _kv_loop(acc_e, l_e, m_e, acc_s, l_s, m_s,
-             q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-             stride_kf, stride_kn, stride_kd,
-             stride_vf, stride_vn, stride_vd,
-             stride_ksf, stride_ksn, stride_ksd,
-             stride_pn, row_ok, offs_n, offs_d,
-             qk_scale, NK, R,
+def _kv_loop(acc, l_i, m_i, q, kv, offs_n, offs_d, row_ok, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SOURCE: tl.constexpr,
              DO_EDIT: tl.constexpr, DO_SRC: tl.constexpr, IEEE: tl.constexpr):
-    """Walk the R gathered frames tile by tile, updating the edit and/or source stream."""
-    dtype = q.dtype
+    """The inner loop: walk the R gathered key frames tile by tile, updating the edit stream (DO_EDIT)
+    and/or the source stream of "qk" or "probs" (DO_SRC). acc, l_i, m_i and q are (edit, source)
+    pairs; kv = (k, v, k_s, p_s, kv_frames, Nk, R) as the kernel builds it."""
+    acc_e, l_e, m_e = acc[0], l_i[0], m_i[0]  # edit stream
+    acc_s, l_s, m_s = acc[1], l_i[1], m_i[1]  # source stream
+    q_e, q_s = q
+    k, v, ks, p_s, kv_frames, NK, R = kv
+    p_rows, stride_pn = p_s
+    dtype = q_e.dtype
     d_ok = offs_d < HEAD_DIM
     n_blocks = tl.cdiv(NK, BLOCK_N)
-    for j in range(0, R * n_blocks):
-        r = j // n_blocks
+    for j in range(R * n_blocks):
+        r = j // n_blocks  # frame slot r of kv_frames, key tile j - r * n_blocks of that frame
         start_n = (j - r * n_blocks) * BLOCK_N
-        frame = tl.load(kvf_ptr + r).to(tl.int64)
+        frame = tl.load(kv_frames + r).to(tl.int64)
         cols = start_n + offs_n
         col_ok = cols < NK
-        v = tl.load(v_ptr + frame * stride_vf + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)
+        v_tile = _frame_tile(v, frame, cols, offs_d, col_ok, d_ok, False).to(dtype)
         if DO_EDIT:
-            kt = tl.load(k_ptr + frame * stride_kf + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
-                         mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
-            qk = _dot(q, kt, IEEE) * qk_scale
-            qk = tl.where(col_ok[None, :], qk, -float("inf"))
-            acc_e, l_e, m_e = _online_softmax_step(acc_e, l_e, m_e, qk, v, IEEE)
+            kt = _frame_tile(k, frame, cols, offs_d, col_ok, d_ok, True).to(dtype)
+            acc_e, l_e, m_e = _online_softmax_step(acc_e, l_e, m_e, _scores(q_e, kt, col_ok, qk_scale, IEEE),
+                                                   v_tile, IEEE)
         if DO_SRC:
-            if SOURCE == 1:
-                kst = tl.load(ks_ptr + frame * stride_ksf + offs_d[:, None] * stride_ksd
-                              + cols[None, :] * stride_ksn,
-                              mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
-                qk_s = _dot(qs, kst, IEEE) * qk_scale
-                qk_s = tl.where(col_ok[None, :], qk_s, -float("inf"))
-                acc_s, l_s, m_s = _online_softmax_step(acc_s, l_s, m_s, qk_s, v, IEEE)
-            elif SOURCE == 2:
-                p_s = tl.load(ps_rows + (r * NK + cols)[None, :] * stride_pn,
-                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                acc_s += _dot(p_s.to(tl.float32).to(dtype), v, IEEE)
-    return acc_e, l_e, m_e, acc_s, l_s, m_s
+            if SOURCE == 1:  # P_s = softmax(Q_s K_s^T * scale), against the same V tile
+                kst = _frame_tile(ks, frame, cols, offs_d, col_ok, d_ok, True).to(dtype)
+                acc_s, l_s, m_s = _online_softmax_step(acc_s, l_s, m_s, _scores(q_s, kst, col_ok, qk_scale, IEEE),
+                                                       v_tile, IEEE)
+            else:  # SOURCE == 2: the stored map's columns r * Nk + cols
+                p = tl.load(p_rows + (r * NK + cols)[None, :] * stride_pn,
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_s += _dot(p.to(tl.float32).to(dtype), v_tile, IEEE)
+    return (acc_e, acc_s), (l_e, l_s), (m_e, m_s)
+
+
+@triton.jit
+def _lowrank_source(u_rows, stride_ur, wv_cols, stride_wr, row_ok, d_ok, RANK,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    # P_s V_e = U (W V_e): (BLOCK_M x r) @ (r x D) in fp32, r in chunks of BLOCK_R.
+    o_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, RANK, BLOCK_R):
+        rr = r0 + offs_r
+        r_ok = rr < RANK
+        u = tl.load(u_rows + rr[None, :] * stride_ur, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        wv = tl.load(wv_cols + rr[:, None] * stride_wr, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        o_s += tl.dot(u.to(tl.float32), wv.to(tl.float32), input_precision="ieee")
+    return o_s
 
 
 @triton.jit
@@ -135,116 +173,95 @@ def _blended_attn_fwd(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, SOURCE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
         IEEE: tl.constexpr):
+    # This program: query rows offs_m of batch item (query frame) b, head h.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < NQ
     d_ok = offs_d < HEAD_DIM
     q_mask = row_ok[:, None] & d_ok[None, :]
-    dtype = Q.dtype.element_ty
 
+    # 1. The query block, and for "qk" the source's queries (cast to the edit's dtype).
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=q_mask, other=0.0)
     qs = q
     if SOURCE == 1:
         qs = tl.load(QS + b * stride_qsb + h * stride_qsh + offs_m[:, None] * stride_qsm
-                     + offs_d[None, :] * stride_qsd, mask=q_mask, other=0.0).to(dtype)
+                     + offs_d[None, :] * stride_qsd, mask=q_mask, other=0.0).to(q.dtype)
 
-    k_ptr = K + h * stride_kh
-    v_ptr = V + h * stride_vh
-    ks_ptr = KS + h * stride_ksh
-    ps_rows = PS + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm
-    kvf_ptr = KVF + b * R
+    # What the loop walks. Per-frame tensors as (pointer at head h, frame stride, token stride,
+    # channel stride), the map P_s as (pointer at this block's rows, column stride).
+    kv = ((K + h * stride_kh, stride_kf, stride_kn, stride_kd),
+          (V + h * stride_vh, stride_vf, stride_vn, stride_vd),
+          (KS + h * stride_ksh, stride_ksf, stride_ksn, stride_ksd),
+          (PS + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm, stride_pn),
+          KVF + b * R, NK, R)
+    # Online-softmax state, as (edit stream, source stream) pairs.
+    acc = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32))
+    l_i = (tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32))
+    m_i = (tl.full([BLOCK_M], -float("inf"), tl.float32), tl.full([BLOCK_M], -float("inf"), tl.float32))
 
-    acc_e = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_e = tl.zeros([BLOCK_M], dtype=tl.float32)
-    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_e = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    m_s = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    m_row = tl.zeros([BLOCK_M], dtype=tl.float32)  # blend weight of the edit stream per row
+    # 2. The streams this block runs. With a mask M (weight of the edit stream per row): all valid rows
+    # exactly 0 skip the edit stream, all exactly 1 skip the source. Without one, plain attention
+    # runs the edit stream and a source replaces it everywhere.
+    if HAS_MASK:
+        m_row = tl.load(MASK + b * stride_mb + offs_m * stride_mm, mask=row_ok, other=0.0).to(tl.float32)
+        m_max = tl.max(tl.where(row_ok, m_row, 0.0), 0)
+        m_min = tl.min(tl.where(row_ok, m_row, 0.0), 0)
+        m_max1 = tl.max(tl.where(row_ok, m_row, 1.0), 0)
+        m_min1 = tl.min(tl.where(row_ok, m_row, 1.0), 0)
+        run_edit = (m_max != 0.0) | (m_min != 0.0)
+        run_src = (m_max1 != 1.0) | (m_min1 != 1.0)
+    else:
+        run_edit = SOURCE == 0
+        run_src = SOURCE != 0
 
+    # 3. One walk over the gathered K/V tiles, the loop specialized to the streams that run.
+    if (SOURCE == 1) | (SOURCE == 2):  # "qk", "probs": the source stream runs in the loop too
+        if run_edit & run_src:
+            acc, l_i, m_i = _kv_loop(acc, l_i, m_i, (q, qs), kv, offs_n, offs_d, row_ok, qk_scale,
+                                     HEAD_DIM, BLOCK_N, SOURCE, True, True, IEEE)
+        elif run_edit:
+            acc, l_i, m_i = _kv_loop(acc, l_i, m_i, (q, qs), kv, offs_n, offs_d, row_ok, qk_scale,
+                                     HEAD_DIM, BLOCK_N, SOURCE, True, False, IEEE)
+        else:
+            acc, l_i, m_i = _kv_loop(acc, l_i, m_i, (q, qs), kv, offs_n, offs_d, row_ok, qk_scale,
+                                     HEAD_DIM, BLOCK_N, SOURCE, False, True, IEEE)
+    elif run_edit:  # plain attention, or "lowrank" (its source is added in the epilogue)
+        acc, l_i, m_i = _kv_loop(acc, l_i, m_i, (q, qs), kv, offs_n, offs_d, row_ok, qk_scale,
+                                 HEAD_DIM, BLOCK_N, SOURCE, True, False, IEEE)
+
+    # 4. Epilogue: normalise each stream (a skipped one stays exactly 0) and blend,
+    # out = M o_e + (1 - M) o_s.
+    acc_e, acc_s = acc
+    l_e, l_s = l_i
     if SOURCE == 0:
-        acc_e, l_e, m_e, acc_s, l_s, m_s = _kv_loop(
-            acc_e, l_e, m_e, acc_s, l_s, m_s, q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-            stride_kf, stride_kn, stride_kd, stride_vf, stride_vn, stride_vd,
-            stride_ksf, stride_ksn, stride_ksd, stride_pn, row_ok, offs_n, offs_d, qk_scale, NK, R,
-            HEAD_DIM, BLOCK_N, SOURCE, True, False, IEEE)
         o = acc_e / l_e[:, None]
     else:
-        run_src = True
-        if HAS_MASK:
-            m_row = tl.load(MASK + b * stride_mb + offs_m * stride_mm, mask=row_ok, other=0.0).to(tl.float32)
-            m_max = tl.max(tl.where(row_ok, m_row, 0.0), 0)
-            m_min = tl.min(tl.where(row_ok, m_row, 0.0), 0)
-            m_max1 = tl.max(tl.where(row_ok, m_row, 1.0), 0)
-            m_min1 = tl.min(tl.where(row_ok, m_row, 1.0), 0)
-            run_edit = (m_max != 0.0) | (m_min != 0.0)    # not every row exactly 0
-            run_src = (m_max1 != 1.0) | (m_min1 != 1.0)   # not every row exactly 1
-            if SOURCE == 3:  # the low-rank source is added in the epilogue
-                if run_edit:
-                    acc_e, l_e, m_e, acc_s, l_s, m_s = _kv_loop(
-                        acc_e, l_e, m_e, acc_s, l_s, m_s, q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-                        stride_kf, stride_kn, stride_kd, stride_vf, stride_vn, stride_vd,
-                        stride_ksf, stride_ksn, stride_ksd, stride_pn, row_ok, offs_n, offs_d, qk_scale,
-                        NK, R, HEAD_DIM, BLOCK_N, SOURCE, True, False, IEEE)
-            else:
-                if run_edit & run_src:
-                    acc_e, l_e, m_e, acc_s, l_s, m_s = _kv_loop(
-                        acc_e, l_e, m_e, acc_s, l_s, m_s, q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-                        stride_kf, stride_kn, stride_kd, stride_vf, stride_vn, stride_vd,
-                        stride_ksf, stride_ksn, stride_ksd, stride_pn, row_ok, offs_n, offs_d, qk_scale,
-                        NK, R, HEAD_DIM, BLOCK_N, SOURCE, True, True, IEEE)
-                elif run_edit:
-                    acc_e, l_e, m_e, acc_s, l_s, m_s = _kv_loop(
-                        acc_e, l_e, m_e, acc_s, l_s, m_s, q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-                        stride_kf, stride_kn, stride_kd, stride_vf, stride_vn, stride_vd,
-                        stride_ksf, stride_ksn, stride_ksd, stride_pn, row_ok, offs_n, offs_d, qk_scale,
-                        NK, R, HEAD_DIM, BLOCK_N, SOURCE, True, False, IEEE)
-                else:
-                    acc_e, l_e, m_e, acc_s, l_s, m_s = _kv_loop(
-                        acc_e, l_e, m_e, acc_s, l_s, m_s, q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-                        stride_kf, stride_kn, stride_kd, stride_vf, stride_vn, stride_vd,
-                        stride_ksf, stride_ksn, stride_ksd, stride_pn, row_ok, offs_n, offs_d, qk_scale,
-                        NK, R, HEAD_DIM, BLOCK_N, SOURCE, False, True, IEEE)
-        else:  # no mask with a source: the source map replaces the edit's everywhere
-            if SOURCE != 3:
-                acc_e, l_e, m_e, acc_s, l_s, m_s = _kv_loop(
-                    acc_e, l_e, m_e, acc_s, l_s, m_s, q, qs, k_ptr, v_ptr, ks_ptr, ps_rows, kvf_ptr,
-                    stride_kf, stride_kn, stride_kd, stride_vf, stride_vn, stride_vd,
-                    stride_ksf, stride_ksn, stride_ksd, stride_pn, row_ok, offs_n, offs_d, qk_scale,
-                    NK, R, HEAD_DIM, BLOCK_N, SOURCE, False, True, IEEE)
-
-        # Epilogue: normalise each stream (a skipped stream stays exactly 0) and blend.
         o_e = acc_e / tl.where(l_e > 0.0, l_e, 1.0)[:, None]
         if SOURCE == 1:
             o_s = acc_s / tl.where(l_s > 0.0, l_s, 1.0)[:, None]
         elif SOURCE == 2:
             o_s = acc_s
-            if HAS_ROW_SCALE:
+            if HAS_ROW_SCALE:  # fp8 map: P_s = row_scale * stored map
                 rs = tl.load(RS + b * stride_rb + h * stride_rh + offs_m * stride_rm, mask=row_ok, other=0.0)
                 o_s = o_s * rs.to(tl.float32)[:, None]
-        else:  # SOURCE == 3: U (BLOCK_M x r) @ WV (r x D), WV = W @ V_e in fp32
+        else:  # SOURCE == 3: P_s V_e = U (W V_e), W V_e computed by the launcher
             o_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             if run_src:
-                offs_r = tl.arange(0, BLOCK_R)
-                u_rows = U + b * stride_ub + h * stride_uh + offs_m[:, None] * stride_um
-                wv_cols = WV + b * stride_wb + h * stride_wh + offs_d[None, :] * stride_wd
-                for r0 in range(0, RANK, BLOCK_R):
-                    rr = r0 + offs_r
-                    r_ok = rr < RANK
-                    u = tl.load(u_rows + rr[None, :] * stride_ur, mask=row_ok[:, None] & r_ok[None, :],
-                                other=0.0).to(tl.float32)
-                    wv = tl.load(wv_cols + rr[:, None] * stride_wr, mask=r_ok[:, None] & d_ok[None, :],
-                                 other=0.0).to(tl.float32)
-                    o_s += tl.dot(u, wv, input_precision="ieee")
-        o = m_row[:, None] * o_e + (1.0 - m_row)[:, None] * o_s
+                o_s = _lowrank_source(U + b * stride_ub + h * stride_uh + offs_m[:, None] * stride_um, stride_ur,
+                                      WV + b * stride_wb + h * stride_wh + offs_d[None, :] * stride_wd, stride_wr,
+                                      row_ok, d_ok, RANK, BLOCK_M, BLOCK_D, BLOCK_R)
+        if HAS_MASK:
+            o = m_row[:, None] * o_e + (1.0 - m_row)[:, None] * o_s
+        else:  # a source without a mask replaces the edit everywhere
+            o = o_s
 
+    # 5. Store.
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              o.to(OUT.dtype.element_ty), mask=q_mask)
 

@@ -1,10 +1,8 @@
 """triton backend of blended_attention: the fused kernel in kernels/blended_attention.py.
 
-The kernels package is imported lazily, on first use: Triton decides whether kernels are
-interpreted (TRITON_INTERPRET=1, CPU) or compiled when they are decorated, so importing
-`fatezero_fast.ops` must not fix that choice. Installed, the kernels are `fatezero_fast.kernels`
-(setup.py's package_dir); in a source checkout the top-level kernels/ directory is loaded
-under that same name.
+The kernels are imported lazily, on first use: Triton decides whether kernels are interpreted
+(TRITON_INTERPRET=1, CPU) or compiled when they are decorated, so importing `fatezero_fast.ops`
+must not fix that choice.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-_kernels = None
+_KERNELS = "fatezero_fast.kernels"
 
 
 def _triton_importable() -> bool:
@@ -25,40 +23,26 @@ def _triton_importable() -> bool:
 
 
 def _load_kernels():
-    """The kernels module: `fatezero_fast.kernels` when installed, else the checkout's `kernels/`.
-
-    Installed (a wheel or a regular install), the kernels sit inside the package directory. Otherwise
-    the kernels/ directory next to the package -- a source checkout, or an editable install, whose
-    kernels are that same directory -- is loaded by path under the name `fatezero_fast.kernels`, so
-    that neither an unrelated `kernels` package on sys.path nor another checkout's editable install
-    can be picked up instead.
+    """`fatezero_fast.kernels`: installed, the package's kernels/ (setup.py's package_dir); in a source
+    checkout or an editable install, the top-level kernels/ next to the package. Loaded by path, so
+    that neither an unrelated `kernels` on sys.path nor another checkout's editable install stands in.
     """
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import fatezero_fast
+    if _KERNELS not in sys.modules:
+        import fatezero_fast
 
-    pkg_dir = os.path.dirname(os.path.abspath(fatezero_fast.__file__))
-    name = "fatezero_fast.kernels"
-    if os.path.isfile(os.path.join(pkg_dir, "kernels", "__init__.py")):  # installed layout
-        mod = importlib.import_module(name)
-    else:
-        init = os.path.join(os.path.dirname(pkg_dir), "kernels", "__init__.py")
+        package = os.path.dirname(os.path.abspath(fatezero_fast.__file__))
+        init = os.path.join(package, "kernels", "__init__.py")
         if not os.path.isfile(init):
-            raise ImportError(f"fatezero_fast.kernels is not installed and no kernels/ directory was found "
-                              f"next to the package ({os.path.dirname(pkg_dir)})")
-        spec = importlib.util.spec_from_file_location(name, init,
-                                                      submodule_search_locations=[os.path.dirname(init)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
+            init = os.path.join(os.path.dirname(package), "kernels", "__init__.py")
+        spec = importlib.util.spec_from_file_location(_KERNELS, init)
+        sys.modules[_KERNELS] = module = importlib.util.module_from_spec(spec)
         try:
-            spec.loader.exec_module(mod)
+            spec.loader.exec_module(module)
         except BaseException:
-            sys.modules.pop(name, None)
+            del sys.modules[_KERNELS]
             raise
-        fatezero_fast.kernels = mod
-    _kernels = mod
-    return _kernels
+        fatezero_fast.kernels = module
+    return sys.modules[_KERNELS]
 
 
 def _interpret_requested() -> bool:
@@ -77,7 +61,7 @@ def available(device=None) -> bool:
     if device.type != "cpu" or not _interpret_requested():
         return False
     # Kernels already imported in compiled mode cannot run on CPU tensors.
-    return _kernels is None or bool(_kernels.INTERPRET)
+    return _KERNELS not in sys.modules or bool(sys.modules[_KERNELS].INTERPRET)
 
 
 def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
