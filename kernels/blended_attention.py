@@ -69,28 +69,6 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _frame_tile(t, frame, cols, offs_d, col_ok, d_ok, TRANSPOSED: tl.constexpr):
-    """Tokens `cols` x channels `offs_d` of one frame of a per-frame tensor (F, N, D), zero past Nk and
-    the head dim. t = (pointer at this head, frame stride, token stride, channel stride).
-    TRANSPOSED: the (D, BLOCK_N) tile K^T of Q K^T; else the (BLOCK_N, D) tile V of P V."""
-    ptr, stride_f, stride_n, stride_d = t
-    if TRANSPOSED:
-        tile = tl.load(ptr + frame * stride_f + offs_d[:, None] * stride_d + cols[None, :] * stride_n,
-                       mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-    else:
-        tile = tl.load(ptr + frame * stride_f + cols[:, None] * stride_n + offs_d[None, :] * stride_d,
-                       mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    return tile
-
-
-@triton.jit
-def _scores(q, kt, col_ok, qk_scale, IEEE: tl.constexpr):
-    # Q K^T * scale * log2(e) (qk_scale), -inf on the key columns past Nk.
-    qk = _dot(q, kt, IEEE) * qk_scale
-    return tl.where(col_ok[None, :], qk, -float("inf"))
-
-
-@triton.jit
 def _online_softmax_step(acc, l_i, m_i, qk, v, IEEE: tl.constexpr):
     # One key tile of softmax(qk) V, in base 2: m = running row max, l = running sum of 2^(qk - m),
     # acc = running sum of 2^(qk - m) v; earlier terms are rescaled by 2^(m_old - m_new).
@@ -113,46 +91,39 @@ def _kv_loop(acc, l_i, m_i, q, kv, offs_n, offs_d, row_ok, qk_scale,
     acc_s, l_s, m_s = acc[1], l_i[1], m_i[1]  # source stream
     q_e, q_s = q
     k, v, ks, p_s, kv_frames, NK, R = kv
+    k_ptr, stride_kf, stride_kn, stride_kd = k
+    v_ptr, stride_vf, stride_vn, stride_vd = v
+    ks_ptr, stride_ksf, stride_ksn, stride_ksd = ks
     p_rows, stride_pn = p_s
     dtype = q_e.dtype
     d_ok = offs_d < HEAD_DIM
     n_blocks = tl.cdiv(NK, BLOCK_N)
-    for j in range(R * n_blocks):
+    for j in range(0, R * n_blocks):
         r = j // n_blocks  # frame slot r of kv_frames, key tile j - r * n_blocks of that frame
         start_n = (j - r * n_blocks) * BLOCK_N
         frame = tl.load(kv_frames + r).to(tl.int64)
         cols = start_n + offs_n
         col_ok = cols < NK
-        v_tile = _frame_tile(v, frame, cols, offs_d, col_ok, d_ok, False).to(dtype)
+        v_tile = tl.load(v_ptr + frame * stride_vf + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)
         if DO_EDIT:
-            kt = _frame_tile(k, frame, cols, offs_d, col_ok, d_ok, True).to(dtype)
-            acc_e, l_e, m_e = _online_softmax_step(acc_e, l_e, m_e, _scores(q_e, kt, col_ok, qk_scale, IEEE),
-                                                   v_tile, IEEE)
+            kt = tl.load(k_ptr + frame * stride_kf + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                         mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
+            qk = _dot(q_e, kt, IEEE) * qk_scale
+            qk = tl.where(col_ok[None, :], qk, -float("inf"))
+            acc_e, l_e, m_e = _online_softmax_step(acc_e, l_e, m_e, qk, v_tile, IEEE)
         if DO_SRC:
             if SOURCE == 1:  # P_s = softmax(Q_s K_s^T * scale), against the same V tile
-                kst = _frame_tile(ks, frame, cols, offs_d, col_ok, d_ok, True).to(dtype)
-                acc_s, l_s, m_s = _online_softmax_step(acc_s, l_s, m_s, _scores(q_s, kst, col_ok, qk_scale, IEEE),
-                                                       v_tile, IEEE)
+                kst = tl.load(ks_ptr + frame * stride_ksf + offs_d[:, None] * stride_ksd + cols[None, :] * stride_ksn,
+                              mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
+                qk_s = _dot(q_s, kst, IEEE) * qk_scale
+                qk_s = tl.where(col_ok[None, :], qk_s, -float("inf"))
+                acc_s, l_s, m_s = _online_softmax_step(acc_s, l_s, m_s, qk_s, v_tile, IEEE)
             else:  # SOURCE == 2: the stored map's columns r * Nk + cols
                 p = tl.load(p_rows + (r * NK + cols)[None, :] * stride_pn,
                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 acc_s += _dot(p.to(tl.float32).to(dtype), v_tile, IEEE)
     return (acc_e, acc_s), (l_e, l_s), (m_e, m_s)
-
-
-@triton.jit
-def _lowrank_source(u_rows, stride_ur, wv_cols, stride_wr, row_ok, d_ok, RANK,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    # P_s V_e = U (W V_e): (BLOCK_M x r) @ (r x D) in fp32, r in chunks of BLOCK_R.
-    o_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, RANK, BLOCK_R):
-        rr = r0 + offs_r
-        r_ok = rr < RANK
-        u = tl.load(u_rows + rr[None, :] * stride_ur, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        wv = tl.load(wv_cols + rr[:, None] * stride_wr, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        o_s += tl.dot(u.to(tl.float32), wv.to(tl.float32), input_precision="ieee")
-    return o_s
 
 
 @triton.jit
@@ -203,7 +174,8 @@ def _blended_attn_fwd(
     # Online-softmax state, as (edit stream, source stream) pairs.
     acc = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32))
     l_i = (tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32))
-    m_i = (tl.full([BLOCK_M], -float("inf"), tl.float32), tl.full([BLOCK_M], -float("inf"), tl.float32))
+    m_i = (tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf"),
+           tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf"))
 
     # 2. The streams this block runs. With a mask M (weight of the edit stream per row): all valid rows
     # exactly 0 skip the edit stream, all exactly 1 skip the source. Without one, plain attention
@@ -252,10 +224,18 @@ def _blended_attn_fwd(
                 o_s = o_s * rs.to(tl.float32)[:, None]
         else:  # SOURCE == 3: P_s V_e = U (W V_e), W V_e computed by the launcher
             o_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            if run_src:
-                o_s = _lowrank_source(U + b * stride_ub + h * stride_uh + offs_m[:, None] * stride_um, stride_ur,
-                                      WV + b * stride_wb + h * stride_wh + offs_d[None, :] * stride_wd, stride_wr,
-                                      row_ok, d_ok, RANK, BLOCK_M, BLOCK_D, BLOCK_R)
+            if run_src:  # (BLOCK_M x r) @ (r x D) in fp32, r in chunks of BLOCK_R
+                offs_r = tl.arange(0, BLOCK_R)
+                u_rows = U + b * stride_ub + h * stride_uh + offs_m[:, None] * stride_um
+                wv_cols = WV + b * stride_wb + h * stride_wh + offs_d[None, :] * stride_wd
+                for r0 in range(0, RANK, BLOCK_R):
+                    rr = r0 + offs_r
+                    r_ok = rr < RANK
+                    u = tl.load(u_rows + rr[None, :] * stride_ur, mask=row_ok[:, None] & r_ok[None, :],
+                                other=0.0).to(tl.float32)
+                    wv = tl.load(wv_cols + rr[:, None] * stride_wr, mask=r_ok[:, None] & d_ok[None, :],
+                                 other=0.0).to(tl.float32)
+                    o_s += tl.dot(u, wv, input_precision="ieee")
         if HAS_MASK:
             o = m_row[:, None] * o_e + (1.0 - m_row)[:, None] * o_s
         else:  # a source without a mask replaces the edit everywhere
