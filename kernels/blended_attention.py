@@ -114,7 +114,8 @@ def _kv_loop(acc, l_i, m_i, q, kv, offs_n, offs_d, row_ok, qk_scale,
             acc_e, l_e, m_e = _online_softmax_step(acc_e, l_e, m_e, qk, v_tile, IEEE)
         if DO_SRC:
             if SOURCE == 1:  # P_s = softmax(Q_s K_s^T * scale), against the same V tile
-                kst = tl.load(ks_ptr + frame * stride_ksf + offs_d[:, None] * stride_ksd + cols[None, :] * stride_ksn,
+                kst = tl.load(ks_ptr + frame * stride_ksf + offs_d[:, None] * stride_ksd
+                              + cols[None, :] * stride_ksn,
                               mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
                 qk_s = _dot(q_s, kst, IEEE) * qk_scale
                 qk_s = tl.where(col_ok[None, :], qk_s, -float("inf"))
