@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..semantics.ddim import ddim_inversion_step
+from ..semantics.ddim import ddim_inversion_step, epsilon_from_v
 from ..semantics.masks import blend_latents, latent_blend_mask, self_blend_mask
 from ..semantics.plan import EditOptions, EditPlan
 from ..stores import AttentionStore, make_store
@@ -94,14 +94,26 @@ class FateZeroPipeline:
             self.unet = unet.to(self.device, self.dtype).eval()
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
         self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.model_format = None  # what from_pretrained detected (fatezero_fast.models.formats)
+        # the UNet predicts epsilon or v (SD 2.x); the steps take epsilon (fatezero_fast.semantics.ddim)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"prediction_type {self.prediction_type!r} is not supported: use epsilon or v_prediction")
         self.state = install(self.unet, attention or VideoAttentionConfig())
 
     # -- construction
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs) -> "FateZeroPipeline":
-        """Load a local diffusers-format Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler)."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    def from_pretrained(cls, folder: str | Path, *, lora: int | None = None, **kwargs) -> "FateZeroPipeline":
+        """Load a local diffusers-format folder (vae, text_encoder, tokenizer, unet, scheduler).
+
+        The UNet may be plain SD 1.x/2.x, a FateZero tuned model or a Tune-A-Video model
+        (fatezero_fast.models.formats); `lora` is the LoRA rank of the run's model_config, checked
+        against the weights. A Tune-A-Video model attends to the frames it was tuned with (first and
+        previous) unless `attention` says otherwise."""
+        from diffusers import AutoencoderKL, DDIMScheduler
         from transformers import CLIPTextModel, CLIPTokenizer
+
+        from ..models.loading import load_unet
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -110,16 +122,20 @@ class FateZeroPipeline:
         if missing:
             raise InputError(f"model folder {folder} lacks {', '.join(missing)}: a diffusers-format folder has "
                              f"{', '.join(COMPONENTS)}")
-        loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer,
-                       unet=UNet2DConditionModel, scheduler=DDIMScheduler)
-        parts = {}
+        unet, fmt = load_unet(folder, lora)
+        loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer, scheduler=DDIMScheduler)
+        parts = {"unet": unet}
         for name, loader in loaders.items():
             try:
                 parts[name] = loader.from_pretrained(folder / name)
             except Exception as exc:  # a broken component: name it, not a deep traceback
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputError(f"cannot load {name} from {folder / name}: {first}") from exc
-        return cls(**parts, **kwargs)
+        if kwargs.get("attention") is None:
+            kwargs["attention"] = VideoAttentionConfig(sparse_causal_index=fmt.native_index)
+        pipe = cls(**parts, **kwargs)
+        pipe.model_format = fmt
+        return pipe
 
     @classmethod
     def tiny_random(cls, seed: int = 0, **kwargs) -> "FateZeroPipeline":
@@ -165,6 +181,7 @@ class FateZeroPipeline:
         if num_inference_steps <= 0:
             raise InputError(f"num_inference_steps must be positive, got {num_inference_steps}")
         scheduler = copy.deepcopy(self.scheduler)
+        scheduler.register_to_config(prediction_type="epsilon")  # the steps are given epsilon
         scheduler.set_timesteps(num_inference_steps)
         return scheduler, scheduler.timesteps
 
@@ -188,6 +205,12 @@ class FateZeroPipeline:
                 return self.unet(sample, t, encoder_hidden_states=context).sample
         return streaming_unet(self.unet, sample, t, context, num_frames=f, chunk_size=chunk_size, state=self.state,
                               progress=progress and chunk_size < f, drop_first_branch_at=drop_first_branch_at)
+
+    def _epsilon(self, output: torch.Tensor, sample: torch.Tensor, t, scheduler) -> torch.Tensor:
+        """The UNet's output at timestep t as epsilon (a v-prediction model's v converted; same rows as sample)."""
+        if self.prediction_type == "epsilon":
+            return output
+        return epsilon_from_v(output, sample, scheduler.alphas_cumprod[int(t)].to(output.device))
 
     def auto_chunk_size(self, frames: int, branches: int, latent_size: tuple[int, int]) -> int | None:
         """What chunk_size="auto" runs a UNet call of this shape with (chosen once per shape)."""
@@ -232,7 +255,7 @@ class FateZeroPipeline:
         for i in tqdm(range(steps), desc="inversion", disable=not progress):
             t = timesteps[steps - 1 - i]
             self.state.begin_call("invert", f, latent_size, capture_branch=0, store=store, store_step=i)
-            eps = self._unet([z], [cond], t, chunk_size, progress)
+            eps = self._epsilon(self._unet([z], [cond], t, chunk_size, progress), z, t, scheduler)
             maps = self.state.captured_token_maps().cpu()
             if token_maps is None:  # kept where the latents are
                 token_maps = new_steps((steps,) + tuple(maps.shape), maps.dtype,
@@ -288,10 +311,9 @@ class FateZeroPipeline:
                 branches[0] = inversion.latent(steps - 1 - j, self.device, self.dtype)
             exit_block = source_exit_block(self.unet, self.state) if with_source else None
             eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
-            eps_edit = eps[-f:]
+            eps_edit = self._epsilon(eps[-f:], z, t, scheduler)
             if cfg:
-                if not separate_uncond:
-                    eps_uncond = eps[-2 * f:-f]
+                eps_uncond = self._epsilon(eps_uncond if separate_uncond else eps[-2 * f:-f], z, t, scheduler)
                 eps_edit = eps_uncond + options.guidance_scale * (eps_edit - eps_uncond)
             z = scheduler.step(eps_edit, t, z).prev_sample.to(self.dtype)
             if plan.blend_self_attention and plan.replaces_self(j):
