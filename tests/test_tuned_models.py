@@ -174,3 +174,21 @@ def test_tune_a_video_pipeline_uses_its_index(tuned_dirs):
     assert pipe.model_format.kind == "tuneavideo"
     config = json.loads((tuned_dirs["tuneavideo"] / "unet" / "config.json").read_text())
     assert config["_class_name"] == "UNet3DConditionModel"
+
+
+def test_cli_info_and_edit_on_tuned_models(tuned_dirs, clip_dir, tmp_path, capsys):
+    from fatezero_fast.io.cli import main
+
+    assert main(["info", "--model", str(tuned_dirs["fatezero-lora"]), "--lora", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "format: a FateZero tuned model" in out and "LoRA rank: 8" in out and "prediction type: epsilon" in out
+    assert "temporal attention: 16 layers" in out and "temporal conv: 52 layers, LoRA pairs" in out
+    assert main(["info", "--model", str(tuned_dirs["fatezero-lora"]), "--lora", "16"]) == 2
+    assert "error:" in capsys.readouterr().err
+    for name in ("fatezero-lora", "tuneavideo"):
+        out_dir = tmp_path / name
+        rc = main(["edit", "--model", str(tuned_dirs[name]), "--video", str(clip_dir), "--source-prompt", "a car",
+                   "--target-prompt", "a red car", "--frames", "2", "--steps", "2", "--width", "64", "--height", "64",
+                   "--backend", "reference", "-o", str(out_dir)])
+        assert rc == 0, capsys.readouterr().err
+        assert (out_dir / "edit_00").is_dir()

@@ -12,6 +12,7 @@ import torch
 from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
 from fatezero_fast.semantics.ddim import epsilon_from_v
+from fatezero_fast.unet.processors import VideoAttentionConfig
 
 STEPS, FRAMES, PROMPT = 3, 2, "a silver jeep driving down a road"
 
@@ -44,7 +45,7 @@ def _pipeline(v_from_eps: bool, kind: str = "tiny", dtype=torch.float64) -> Fate
             return output
 
         parts["unet"].register_forward_hook(as_v, with_kwargs=True)
-    return FateZeroPipeline(**parts, device="cpu", dtype=dtype)
+    return FateZeroPipeline(**parts, device="cpu", dtype=dtype, attention=VideoAttentionConfig(backend="reference"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,21 @@ def test_inversion_step_converts_v(pipelines, latents):
 def test_edit_step_converts_v(pipelines, latents):
     eps_pipe, v_pipe = pipelines
     inversion = eps_pipe.invert(latents=latents, source_prompt=PROMPT, num_inference_steps=STEPS, progress=False)
-    kw = dict(decode=False, progress=False, guidance_scale=7.5, self_replace_steps=0.5)
+    kw = {"decode": False, "progress": False, "guidance_scale": 7.5, "self_replace_steps": 0.5}
     a = eps_pipe.edit(inversion, "a red porsche driving down a road", **kw)
     b = v_pipe.edit(inversion, "a red porsche driving down a road", **kw)
     assert rel(b.latents, a.latents) < 1e-12
+
+
+def test_sd2_reconstruction_as_close_as_epsilon(clip):
+    """Same-prompt edit from the inversion, no guidance: a random tiny SD 2.x (v) model gets back to
+    the input at least as closely as the random tiny SD 1.x (epsilon) model does (measured: 0.54 vs 4.7
+    relative at 5 steps; treating the same v model as epsilon gives 4.7)."""
+    errors = {}
+    for kind in ("tiny", "tiny-sd2"):
+        pipe = FateZeroPipeline(**random_components(kind, seed=0), device="cpu",
+                                attention=VideoAttentionConfig(backend="reference"))
+        inversion = pipe.invert(clip[:2], PROMPT, 5, progress=False)
+        result = pipe.edit(inversion, PROMPT, decode=False, progress=False, guidance_scale=1.0)
+        errors[pipe.prediction_type] = rel(result.latents, inversion.latents[0])
+    assert errors["v_prediction"] <= errors["epsilon"], errors

@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(invert)
     _add_output_args(invert)
 
-    sub.add_parser("info", help="backends, device and versions")
+    info = sub.add_parser("info", help="backends, device and versions (with --model: what the model folder holds)")
+    info.add_argument("--model", help="a model folder: print its format, LoRA rank, temporal layers, prediction type")
+    info.add_argument("--lora", type=int, help="the LoRA rank of the run's model_config, checked against the weights")
     return parser
 
 
@@ -265,7 +267,7 @@ def _load_pipeline(run, args, device):
                                             chunk_size=args.chunk_size)
     torch.manual_seed(run.seed)
     return FateZeroPipeline.from_pretrained(run.model, device=device, dtype=dtype, attention=run.attention,
-                                            chunk_size=args.chunk_size)
+                                            chunk_size=args.chunk_size, lora=run.lora)
 
 
 def _load_clip(run):
@@ -411,6 +413,10 @@ def cmd_info(args) -> None:
     lines.append(f"blended_attention backends on cpu: {', '.join(ops.available_backends('cpu'))}")
     if cuda:
         lines.append(f"blended_attention backends on cuda: {', '.join(ops.available_backends('cuda'))}")
+    if args.model:
+        from ..models.formats import describe
+
+        lines.append(describe(args.model, args.lora))
     print("\n".join(lines))
 
 

@@ -2,8 +2,9 @@
 
 A config names the model, the clip (dataset_config), the editing prompts with one p2p_config
 entry each (editing_config) and the video model (model_config). The first editing prompt is
-usually the source prompt itself; every prompt is edited from the one inversion. Keys that do
-not apply to plain SD weights (lora, temporal_downsample_time, ...) are accepted with a note.
+usually the source prompt itself; every prompt is edited from the one inversion. model_config's
+lora is the LoRA rank of a FateZero tuned checkpoint (checked against its weights); keys that do
+not apply (temporal_downsample_time, ...) are accepted with a note.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class RunConfig:
     edits: list[tuple[str, EditOptions]] = field(default_factory=list)
     num_inference_steps: int = 50
     attention: VideoAttentionConfig = field(default_factory=VideoAttentionConfig)
+    lora: int | None = None        # model_config.lora: the tuned checkpoint's LoRA rank
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -90,8 +92,12 @@ def load_config(path: str | Path) -> RunConfig:
     attention = VideoAttentionConfig(
         sparse_causal_index=model.get("SparseCausalAttention_index", [-1, "first"]),
         least_sc_channel=model.get("least_sc_channel"))
-    for key in sorted(set(model) - {"SparseCausalAttention_index", "least_sc_channel"}):
-        notes.append(f"model_config: {key!r} does not apply to plain Stable Diffusion weights and is ignored")
+    lora = model.get("lora")
+    if lora is not None:
+        notes.append(f"model_config: lora {lora} is the LoRA rank of a FateZero tuned checkpoint's temporal convs: "
+                     f"checked against its weights, unused with plain Stable Diffusion weights")
+    for key in sorted(set(model) - {"SparseCausalAttention_index", "least_sc_channel", "lora"}):
+        notes.append(f"model_config: {key!r} does not apply here and is ignored")
 
     guidance = float(editing.get("guidance_scale", 7.5))
     prompts = editing.get("editing_prompts") or []
@@ -108,5 +114,5 @@ def load_config(path: str | Path) -> RunConfig:
         notes.append("use_inversion_attention: false is not supported; inversion attention is used")
     return RunConfig(model=raw.get("pretrained_model_path"), video=video, source_prompt=data.get("prompt", ""),
                      edits=edits, num_inference_steps=int(editing.get("num_inference_steps", 50)),
-                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes)
+                     attention=attention, lora=lora, seed=int(raw.get("seed", 0)), notes=notes)
 
