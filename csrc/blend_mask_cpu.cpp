@@ -1,6 +1,6 @@
-// C++ CPU kernel of fatezero_fast::blend_mask (schema in csrc/ops.cpp; FATEZERO.md item 7).
+// C++ CPU kernel of fatezero_fast::blend_mask (schema in csrc/ops.cpp; docs/semantics.md §7).
 //
-// The oracle is fatezero_fast.control.blend_mask, in torch:
+// The oracle is fatezero_fast.ops.reference.blend_mask_reference, in torch:
 //
 //   maps = (token_maps * weights).sum(-1)[None]                  (1, F, rh, rw)
 //   maps = max_pool2d(maps, 3, stride 1, padding 1)              (when use_pool)

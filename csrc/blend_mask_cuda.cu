@@ -1,11 +1,11 @@
-// CUDA implementation of fatezero_fast::blend_mask (schema in csrc/ops.cpp; FATEZERO.md item 7).
+// CUDA implementation of fatezero_fast::blend_mask (schema in csrc/ops.cpp; docs/semantics.md §7).
 //
 // The same arithmetic as csrc/blend_mask_cpu.cpp, which describes it: token sum in the order of
 // torch's *CPU* sum kernel (W = blend_mask_sum_lanes() lanes, four interleaved accumulators),
 // 3x3 max-pool (NaN wins), torch's nearest resize, per-frame maximum, float32 division and
 // strictly-greater comparison with float(threshold). Every add, multiply and divide is an
 // explicitly rounded intrinsic (__fadd_rn, __fmul_rn, __fdiv_rn) so nvcc cannot contract or
-// approximate them. Hence this op equals the CPU op, and fatezero_fast.control.blend_mask run
+// approximate them. Hence this op equals the CPU op, and fatezero_fast.ops.reference.blend_mask_reference run
 // on CPU tensors, bit for bit. Against control.blend_mask run on CUDA tensors (whose sum uses
 // torch's CUDA reduction order) masks are equal whenever each pixel has at most two nonzero
 // products x_t * w_t (e.g. 0/1 weights selecting one or two tokens), since every order gives

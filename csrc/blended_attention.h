@@ -1,4 +1,4 @@
-// fatezero_fast::blended_attention: the one fused op (see shared/DESIGN.md, "The one fused op").
+// fatezero_fast::blended_attention: the one fused op (docs/design.md, "The fused op").
 //
 //   out = M * softmax(Q K_e^T * scale) V_e + (1 - M) * P_s V_e
 //
@@ -18,6 +18,7 @@
 
 namespace fatezero_fast {
 
+// The codes of fatezero_fast.ops.source.SourceForm, which defines them (tests/test_source_form.py checks).
 enum SourceForm : int64_t { kSourceNone = 0, kSourceQK = 1, kSourceProbs = 2, kSourceLowRank = 3 };
 
 // The CPU implementation (csrc/blended_attention_cpu.cpp), registered in csrc/ops.cpp.

@@ -16,7 +16,7 @@ void blend_mask_cpu(const at::Tensor& token_maps, const at::Tensor& weights, dou
 TORCH_LIBRARY(fatezero_fast, m) {
   m.def("blended_attention(Tensor q, Tensor k, Tensor v, Tensor kv_frames, int source_form, Tensor? src_a, "
         "Tensor? src_b, Tensor? row_scale, Tensor? mask, float scale, Tensor(a!) out) -> ()");
-  // FateZero's blend mask (FATEZERO.md item 7), bit for bit fatezero_fast.control.blend_mask:
+  // FateZero's blend mask (docs/semantics.md §7), bit for bit fatezero_fast.ops.reference.blend_mask_reference:
   // token_maps (F, rh, rw, T) float32, weights (T,) float32 -> out (F, out_h, out_w) bool.
   m.def("blend_mask(Tensor token_maps, Tensor weights, float threshold, int out_h, int out_w, bool use_pool, "
         "Tensor(a!) out) -> ()");

@@ -11,10 +11,10 @@ import torch
 
 from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
+from fatezero_fast.unet.chunks import ClipActivation
 from fatezero_fast.unet.levels import up_block_tokens
 from fatezero_fast.unet.processors import FateZeroState, VideoAttentionConfig
 from fatezero_fast.unet.source_exit import source_exit_block
-from fatezero_fast.unet.streaming import _Clip
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 FRAMES, STEPS = 3, 4
@@ -57,14 +57,14 @@ def test_source_exit_block(unet, latent, max_tokens, block):
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_recompute_with_early_exit_equals_stored_source_in_float64(max_tokens, exit_block, chunk, monkeypatch):
     compacted = []  # chunked: skips read only after the source left, kept without its rows (branches kept)
-    compact = _Clip.compact_without_first_branch
+    compact = ClipActivation.compact_without_first_branch
 
     def recording(clip):
         out = compact(clip)
         compacted.append(out.data.shape[1])
         return out
 
-    monkeypatch.setattr(_Clip, "compact_without_first_branch", recording)
+    monkeypatch.setattr(ClipActivation, "compact_without_first_branch", recording)
     config = VideoAttentionConfig(backend="reference", max_control_tokens=max_tokens)
     pipe = FateZeroPipeline.tiny_random(seed=0, device="cpu", dtype=torch.float64, attention=config)
     latents = torch.randn(FRAMES, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

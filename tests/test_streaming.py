@@ -1,4 +1,4 @@
-"""Chunked, layer-major UNet execution (fatezero_fast.streaming) equals the unchunked video model.
+"""Chunked, layer-major UNet execution (fatezero_fast.unet.runner) equals the unchunked video model.
 
 All on the random tiny model, non-square (8x5 latents: levels 8x5, 4x3, 2x2, 1x1) and with 5 frames,
 so chunk sizes 2 and 3 leave a short last chunk. fp32 runs are compared at 1e-5 relative
@@ -17,9 +17,10 @@ from fatezero_fast.errors import InputError
 from fatezero_fast.io.video import make_sample_clip
 from fatezero_fast.models import random_components
 from fatezero_fast.stores import make_store
+from fatezero_fast.unet.chunks import ChunkSchedule, ClipActivation
 from fatezero_fast.unet.groupnorm import ClipGroupNorm
 from fatezero_fast.unet.processors import VideoAttentionConfig, install
-from fatezero_fast.unet.streaming import _Clip, _Runner, streaming_unet
+from fatezero_fast.unet.runner import LayerMajorUNet, streaming_unet
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 FRAMES, LATENT = 5, (8, 5)
@@ -121,16 +122,17 @@ def test_clip_group_norm_over_chunks_and_concatenated_inputs():
     nn.init.normal_(norm.bias)
     clip_norm = ClipGroupNorm(norm, lambda: FRAMES)
     parts = [torch.randn(2 * FRAMES, ch, 3, 5, dtype=torch.float64) * 3 + 1 for ch in (6, 10)]
-    runner = _Runner(None, None, FRAMES, 2, 2, torch.device("cpu"), offload=False, progress=False)
+    chunks = ChunkSchedule(FRAMES, 2, 2, torch.device("cpu"), offload=False, context=None, passes=None)
+    runner = LayerMajorUNet(None, None, chunks)
     clips = []
     for x in parts:
-        clip, grouped = _Clip(runner), x.view(2, FRAMES, *x.shape[1:])
-        for a, e in runner.bounds:
+        clip, grouped = ClipActivation(chunks), x.view(2, FRAMES, *x.shape[1:])
+        for a, e in chunks.bounds:
             clip.write(a, e, grouped[:, a:e].reshape(-1, *x.shape[1:]))
         clips.append(clip)
     apply = runner.norm(clip_norm, clips)
     out = torch.cat([apply(torch.cat([c.read(a, e) for c in clips], 1)).view(2, e - a, 16, 3, 5)
-                     for a, e in runner.bounds], dim=1)
+                     for a, e in chunks.bounds], dim=1)
     expected = clip_norm(torch.cat(parts, 1)).view(2, FRAMES, 16, 3, 5)
     assert rel_err(out, expected) <= 1e-12
 
@@ -224,11 +226,12 @@ def test_stores_see_one_chunk_at_a_time(components, latents, form, index_list):
         seen.append(("cross map", probs.shape[0], frames.stop - frames.start))
 
     def on_self_source(source, step, layer, frames, key_frames, device):
-        seen.append(("source rows", source[1].shape[0], frames.stop - frames.start))
+        seen.append(("source rows", source.a.shape[0], frames.stop - frames.start))
         if form == "qk":
-            seen.append(("source k", source[2].shape[0], key_frames.numel()))
+            seen.append(("source k", source.b.shape[0], key_frames.numel()))
         else:
-            seen.extend(("source rows", t.shape[0], frames.stop - frames.start) for t in source[2:])
+            seen.extend(("source rows", t.shape[0], frames.stop - frames.start)
+                        for t in (source.b, source.row_scale) if t is not None)
 
     def on_cross_source(p, step, layer, frames, device):
         seen.append(("source cross map", p.shape[0], frames.stop - frames.start))

@@ -31,6 +31,7 @@ what happens to the maps. The official code is imported, never copied: it must b
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..errors import InputError
 from ..ops.reference import source_probs
+from ..ops.source import Source, SourceForm
 from ..semantics.frames import resolve_frame_index
 from ..stores import FORMS, make_store
 
@@ -94,7 +96,7 @@ def patch(store: str = "qk", *, placement: str = "host", folder: str | os.PathLi
 
     store: how inversion keeps each controlled self-attention layer's source: "qk" (source Q and
     K, exact; default), "full" (fp32 maps, as the official code), "fp16", "fp8", "lowrank"
-    (fatezero_fast.store). placement: "host", "device" or "disk" (a controller created with
+    (fatezero_fast.stores). placement: "host", "device" or "disk" (a controller created with
     disk_store=True always uses disk, beside its own files). backend: blended_attention backend.
     src: the official checkout, when it is not importable yet (default: env FATEZERO_SRC).
     Calling it again changes the settings; `unpatch()` restores the official registration.
@@ -458,7 +460,7 @@ def _materialize_into(store_controller) -> None:
             continue
         source, kv_frames = capture.source(step, key, position)
         probs = source_probs(source, kv_frames, capture.scales[(step, layer)], _map_dtype(source))
-        probs = probs.to(source[1].dtype if source[0] == "qk" else torch.float32)
+        probs = probs.to(source.a.dtype if source.form is SourceForm.QK else torch.float32)
         maps[key].append(probs.cpu() if probs.shape[-2] == MAX_CONTROLLED_TOKENS else probs)
     for step, maps in loaded.items():
         entry = store_controller.attention_store_all_step[step]
@@ -520,23 +522,24 @@ def _source(store_controller, step: int, key: str, position: int, kv_frames: tor
         return source
     maps = _step_maps(store_controller, step)[key]
     if position < len(maps):  # maps the official store kept itself (captured without the patch)
-        return ("probs", maps[position])
+        return Source(SourceForm.PROBS, maps[position])
     raise RuntimeError(f"no source self-attention for {key}[{position}] at inversion step {step}: invert with "
                        "store_attention=True (and save_self_attention=True) before editing")
 
 
 def _source_on(source, q, count: int):
     """A stored source on q's device and dtype, checked to hold `count` frames."""
-    tensors = tuple(t.to(q.device, q.dtype) for t in source[1:])
-    if tensors[0].shape[0] != count:
-        raise ValueError(f"the source holds {tensors[0].shape[0]} frames, the edited clip {count}")
-    return (source[0],) + tensors
+    moved = {name: None if t is None else t.to(q.device, q.dtype)
+             for name, t in (("a", source.a), ("b", source.b), ("row_scale", source.row_scale))}
+    if moved["a"].shape[0] != count:
+        raise ValueError(f"the source holds {moved['a'].shape[0]} frames, the edited clip {count}")
+    return dataclasses.replace(source, **moved)
 
 
 # ---------------------------------------------------------------- controller-facing API
 
 def source_store(store_controller):
-    """The fatezero_fast store (fatezero_fast.store.AttentionStore: nbytes(), breakdown(), ...)
+    """The fatezero_fast store (fatezero_fast.stores.AttentionStore: nbytes(), breakdown(), ...)
     holding the self-attention sources captured for an official AttentionStore, or None."""
     capture = _live_capture(store_controller)
     return None if capture is None else capture.store
@@ -565,4 +568,4 @@ def self_attention_probs(store_controller, step: int, key: str, position: int) -
 
 def _map_dtype(source) -> torch.dtype:
     """fp32, or fp64 for an fp64 source: the precision a materialized map is computed in."""
-    return torch.float64 if source[1].dtype == torch.float64 else torch.float32
+    return torch.float64 if source.a.dtype == torch.float64 else torch.float32

@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..semantics.ddim import ddim_inversion_step, epsilon_from_v
-from ..semantics.masks import blend_latents, latent_blend_mask, self_blend_mask
-from ..semantics.plan import EditOptions, EditPlan
+from ..semantics.masks import blend_latents
+from ..semantics.plan import EditOptions
 from ..stores import AttentionStore, make_store
 from ..unet.chunk_size import auto_chunk_size
 from ..unet.processors import VideoAttentionConfig, install
+from ..unet.runner import streaming_unet
 from ..unet.source_exit import drop_source_branch, source_exit_block
-from ..unet.streaming import streaming_unet
+from .controller import FateZeroController
 from .inversion import Inversion
 from .steps import new_steps
 
@@ -246,29 +247,27 @@ class FateZeroPipeline:
             generator = torch.Generator(self.device).manual_seed(seed)
             latents = self.encode_video(video, generator)
         z = latents.to(self.device, self.dtype)
-        f, latent_size = z.shape[0], tuple(z.shape[-2:])
         cond = self.encode_prompt(source_prompt)
         steps = len(timesteps)
+        ctl = FateZeroController.for_state(self.state, self.tokenizer, source_prompt, steps, store)
         kept = new_steps((steps + 1,) + tuple(z.shape), keep_dtype, latents_folder)
         kept[0] = z.cpu()
         token_maps = None
         for i in tqdm(range(steps), desc="inversion", disable=not progress):
             t = timesteps[steps - 1 - i]
-            self.state.begin_call("invert", f, latent_size, capture_branch=0, store=store, store_step=i)
-            eps = self._epsilon(self._unet([z], [cond], t, chunk_size, progress), z, t, scheduler)
-            maps = self.state.captured_token_maps().cpu()
+            with ctl.inversion_step(i, z):
+                eps = self._epsilon(self._unet([z], [cond], t, chunk_size, progress), z, t, scheduler)
+            maps = ctl.token_maps.pop(i).cpu()
             if token_maps is None:  # kept where the latents are
                 token_maps = new_steps((steps,) + tuple(maps.shape), maps.dtype,
                                        None if latents_folder is None else Path(latents_folder) / "token_maps")
             token_maps[i] = maps
-            store.end_step(i)
             z = ddim_inversion_step(eps, t, z, scheduler.alphas_cumprod.to(self.device),
                                     scheduler.final_alpha_cumprod.to(self.device),
                                     scheduler.config.num_train_timesteps, steps).to(self.dtype)
             kept[i + 1] = z.cpu()
-        self.state.begin_call("plain", 1, latent_size)
         return Inversion(source_prompt, steps, kept, token_maps,
-                         copy.deepcopy(self.state.config), store, None if video is None else video.float().cpu())
+                         copy.deepcopy(self.state.config), ctl.store, None if video is None else video.float().cpu())
 
     @torch.no_grad()
     def edit(self, inversion: Inversion, target_prompt: str, options: EditOptions | None = None, *,
@@ -281,50 +280,45 @@ class FateZeroPipeline:
         options = options or EditOptions(**option_kwargs)
         steps = inversion.num_inference_steps
         scheduler, timesteps = self._timesteps(steps)
-        plan = EditPlan.build(options, inversion.source_prompt, target_prompt, steps, self.tokenizer)
+        ctl = FateZeroController.for_state(self.state, self.tokenizer, inversion.source_prompt, steps,
+                                           inversion.store, inversion.token_maps)
+        plan = ctl.set_edit(target_prompt, options)
         src_cond, tgt_cond = self.encode_prompt(inversion.source_prompt), self.encode_prompt(target_prompt)
         cfg = options.guidance_scale != 1
         uncond = self.encode_prompt("") if cfg else None
-        store = inversion.store
         z = inversion.latent(steps, self.device, self.dtype)
         f, latent_size = z.shape[0], tuple(z.shape[-2:])
         # Chunked, the unconditional branch runs in a layer-major pass of its own: its attention and
         # GroupNorm statistics involve no other branch, so the host keeps fewer branches' activations.
-        joint = 2 + store.recompute
+        joint = 2 + inversion.store.recompute
         separate_uncond = cfg and chunk_size is not None and \
             (chunk_size != "auto" or self.auto_chunk_size(f, joint, latent_size) is not None)
         edit_embeddings = ([uncond] if cfg and not separate_uncond else []) + [tgt_cond]  # [(uncond,) target]
-        edit_maps_sum, masks = None, {"self_attention": [], "latents": []}
+        masks = {"self_attention": [], "latents": []}
         for j, t in enumerate(tqdm(timesteps, desc=f"edit: {target_prompt[:40]}", disable=not progress)):
-            source_maps = inversion.token_maps[steps - 1 - j].to(self.device)
             if separate_uncond:
                 self.state.begin_call("plain", f, latent_size)
                 eps_uncond = self._unet([z], [uncond], t, chunk_size, progress)
-            # recompute: the source branch goes first, at the steps that fuse it (fatezero_fast.source_branch)
-            with_source = store.recompute and plan.uses_source(j)
+            # recompute: the source branch goes first, at the steps that fuse it (unet/source_exit.py)
+            with_source = ctl.uses_source(j)
             embeddings = ([src_cond] if with_source else []) + edit_embeddings
-            self.state.begin_call("edit", f, latent_size, plan=plan, step=j, store=store, store_step=steps - 1 - j,
-                                  source_token_maps=source_maps,
-                                  capture_branch=len(embeddings) - 1 if plan.blend_latents else None)
             branches = [z] * len(embeddings)
             if with_source:
                 branches[0] = inversion.latent(steps - 1 - j, self.device, self.dtype)
-            exit_block = source_exit_block(self.unet, self.state) if with_source else None
-            eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
+            with ctl.edit_step(j, z):
+                exit_block = source_exit_block(self.unet, self.state) if with_source else None
+                eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
             eps_edit = self._epsilon(eps[-f:], z, t, scheduler)
             if cfg:
                 eps_uncond = self._epsilon(eps_uncond if separate_uncond else eps[-2 * f:-f], z, t, scheduler)
                 eps_edit = eps_uncond + options.guidance_scale * (eps_edit - eps_uncond)
             z = scheduler.step(eps_edit, t, z).prev_sample.to(self.dtype)
             if plan.blend_self_attention and plan.replaces_self(j):
-                masks["self_attention"].append(self_blend_mask(plan, source_maps, latent_size).view(f, *latent_size))
-            if plan.blend_latents:
-                captured = self.state.captured_token_maps()
-                edit_maps_sum = captured if edit_maps_sum is None else edit_maps_sum + captured
-                mask = latent_blend_mask(plan, j, source_maps, edit_maps_sum, latent_size)
-                if mask is not None:
-                    z = blend_latents(z, inversion.latent(steps - j, self.device, self.dtype), mask)
-                    masks["latents"].append(mask.float())
+                masks["self_attention"].append(ctl.self_blend_mask(j, latent_size, self.device).view(f, *latent_size))
+            mask = ctl.latent_blend_mask(j, latent_size, self.device)
+            if mask is not None:
+                z = blend_latents(z, inversion.latent(steps - j, self.device, self.dtype), mask)
+                masks["latents"].append(mask.float())
         self.state.begin_call("plain", 1, latent_size)
         masks = {k: torch.stack(v).cpu() for k, v in masks.items() if v}
         frames = self.decode_latents(z) if decode else None

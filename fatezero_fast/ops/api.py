@@ -1,7 +1,7 @@
 """The fused ops, one dispatching entry each: triton | cuda | cpu | reference.
 
 `blended_attention` computes FateZero's spatio-temporal self-attention with the source map
-fused on the fly (../shared/DESIGN.md, "The one fused op"):
+fused on the fly (docs/design.md, "The fused op"):
 
     out = M * softmax(Q_e K_e^T * s) V_e + (1 - M) * P_s V_e
 
@@ -9,8 +9,8 @@ with K/V gathered per query frame from `kv_frames` and P_s given as ("qk", q_s, 
 ("probs", P_s[, row_scale]) or ("lowrank", U, W). The backends never build an Nq x Nk map
 (the reference does: it is the oracle for tests).
 
-`blend_mask` builds FateZero's binary blend mask (../shared/FATEZERO.md item 7) with the fused
-C++/CUDA op, bit for bit `control.blend_mask` (see backends/mask.py for the exact conditions).
+`blend_mask` builds FateZero's binary blend mask (docs/semantics.md §7) with the fused
+C++/CUDA op, bit for bit `reference.blend_mask_reference` (see backends/mask.py for the exact conditions).
 """
 from __future__ import annotations
 
@@ -121,12 +121,12 @@ def blended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_f
 
 def blend_mask(token_maps: torch.Tensor, weights: torch.Tensor, threshold: float, size, use_pool: bool = True,
                backend: str = "auto", *, map_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """FateZero's blend mask (FATEZERO.md item 7): (F, h, w) bool, as `control.blend_mask`.
+    """FateZero's blend mask (docs/semantics.md §7): (F, h, w) bool, as `reference.blend_mask_reference`.
 
     token_maps: (F, rh, rw, T) head- and layer-averaged cross maps, or (L, F, H, rh*rw, T) per
     layer and head (averaged here in torch first; map_size = (rh, rw), square by default);
     weights: (T,) token weights (0/1 for blend words); size: (h, w) of the mask. backend: "cpu" /
-    "cuda" (the fused op, float32 maps on that device), "reference" (control.blend_mask) or
+    "cuda" (the fused op, float32 maps on that device), "reference" (reference.blend_mask_reference) or
     "auto": the fused op when it is built for the maps' device and they are float32, else the
     reference.
     """

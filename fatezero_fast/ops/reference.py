@@ -65,7 +65,7 @@ def blended_attention_reference(q, k, v, *, kv_frames, source=None, mask=None, s
 
 def blend_mask_reference(token_maps: torch.Tensor, weights: torch.Tensor, threshold: float, size: tuple[int, int],
                use_pool: bool = True) -> torch.Tensor:
-    """Binary mask (F, h, w) from head- and layer-averaged cross maps (F, rh, rw, 77) (item 7).
+    """Binary mask (F, h, w) from head- and layer-averaged cross maps (F, rh, rw, 77) (§7).
 
     Weighted token sum, 3x3 max-pool (stride 1, pad 1), nearest resize to `size`, division by
     each frame's maximum, threshold (strictly greater). A frame with no attention on the words

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..ops.source import Source
 
 PLACEMENTS = ("device", "host", "disk")
 
@@ -89,7 +90,7 @@ class AttentionStore:
     def _keep_cross(self, probs) -> tuple:
         return (probs.to(torch.float16),)
 
-    def _source_from(self, kept: tuple):
+    def _source_from(self, kept: tuple) -> Source:
         raise NotImplementedError
 
     # -- writing (inversion)

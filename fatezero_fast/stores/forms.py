@@ -1,10 +1,11 @@
-"""The store forms, one class each, and `make_store` (docs/stores.md)."""
+"""The store forms, one class each, and `make_store` (docs/design.md, "Stores")."""
 from __future__ import annotations
 
 import torch
 
 from ..errors import InputError
 from ..ops.reference import attention_probs, gather_frames
+from ..ops.source import Source, SourceForm
 from .base import AttentionStore, _chunk_frames, _rows
 
 FORMS = ("recompute", "qk", "full", "fp16", "fp8", "lowrank")
@@ -56,7 +57,7 @@ class QKStore(AttentionStore):
         return q[_rows(frames, q.shape[0])], keys
 
     def _source_from(self, kept):
-        return ("qk",) + kept
+        return Source(SourceForm.QK, *kept)
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), key_frames=self.key_frames)
@@ -80,7 +81,7 @@ class MapStore(AttentionStore):
         return (probs.to(self.dtype),)
 
     def _source_from(self, kept):
-        return ("probs",) + kept
+        return Source(SourceForm.PROBS, kept[0])
 
 
 class FP8Store(AttentionStore):
@@ -99,7 +100,7 @@ class FP8Store(AttentionStore):
         return (p / row_scale[..., None]).to(FP8), row_scale
 
     def _source_from(self, kept):
-        return ("probs",) + kept
+        return Source(SourceForm.PROBS, kept[0], row_scale=kept[1])
 
 
 class LowRankStore(AttentionStore):
@@ -146,7 +147,7 @@ class LowRankStore(AttentionStore):
         return max(1, int(ranks.max()))
 
     def _source_from(self, kept):
-        return ("lowrank",) + kept
+        return Source(SourceForm.LOWRANK, *kept)
 
 
 def _pad_rank(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Clip-wide GroupNorm for the ResNet blocks (FATEZERO.md item 1).
+"""Clip-wide GroupNorm for the ResNet blocks (docs/semantics.md §1).
 
 The official inflated UNet applies its ResNet norms and conv_norm_out to (batch, channels,
 frames, h, w), so statistics span the group's channels and *all frames* of each batch element.
@@ -47,3 +47,24 @@ def make_groupnorms_clip_wide(unet: nn.Module, frames) -> int:
         unet.conv_norm_out = ClipGroupNorm(unet.conv_norm_out, frames)
         count += 1
     return count
+
+
+def group_norm_affine(count: int, mean: torch.Tensor, m2: torch.Tensor, gn: nn.GroupNorm):
+    """GroupNorm as y = x * scale + shift per (branch, channel), from per-channel statistics.
+
+    count: elements per channel; mean, m2: (B, C) float64 per-channel mean and sum of squared
+    deviations over the whole clip. Groups combine their channels with the parallel-variance
+    formula; the variance is biased and eps sits inside the square root, as torch's group_norm.
+    """
+    b, c = mean.shape
+    per_group = c // gn.num_groups
+    mean, m2 = mean.view(b, gn.num_groups, per_group), m2.view(b, gn.num_groups, per_group)
+    group_mean = mean.mean(-1)
+    group_m2 = m2.sum(-1) + count * ((mean - group_mean[..., None]) ** 2).sum(-1)
+    rstd = torch.rsqrt(group_m2 / (count * per_group) + gn.eps)
+    scale = rstd.repeat_interleave(per_group, dim=1)                    # (B, C) float64
+    shift = -group_mean.repeat_interleave(per_group, dim=1) * scale
+    if gn.weight is not None:
+        scale = scale * gn.weight.double()
+        shift = shift * gn.weight.double() + gn.bias.double()
+    return scale, shift

@@ -1,10 +1,10 @@
 """Diffusers attention processors for FateZero (installed with `unet.set_attn_processor`).
 
 - SpatioTemporalAttnProcessor (attn1): sparse-causal self-attention across frames
-  (FATEZERO.md item 1) through the fused op; in controlled layers during editing the target
-  branch blends the source branch's attention in (item 6) without building an Nq x Nk map.
+  (docs/semantics.md §1) through the fused op; in controlled layers during editing the target
+  branch blends the source branch's attention in (§6) without building an Nq x Nk map.
 - FateZeroCrossAttnProcessor (attn2): cross-attention; in controlled layers during editing
-  the target branch's map is fused with the source branch's (item 5); at the mask level it
+  the target branch's map is fused with the source branch's (§5); at the mask level it
   records head-averaged per-token maps for the blend masks (items 7 and 8).
 
 The UNet batch is a run of branches of `num_frames` frames each, the edited (target) branch
@@ -13,7 +13,7 @@ branch re-evaluates inversion on the stored inversion latent with the source pro
 With any other store the batch is [(uncond,) target] and the source comes from the store,
 which the inversion filled through the same processors.
 
-Chunked (layer-major) execution (fatezero_fast.streaming): `FateZeroState.chunk` says that the
+Chunked (layer-major) execution (unet/runner.py): `FateZeroState.chunk` says that the
 rows of the current call are frames [start, stop) of every branch and, for attn1, carries the
 keys/values of the frames those queries attend to (gathered by the runner over the whole clip).
 Stores are written and read per chunk (the rows of query frames [start, stop) and, for qk, the
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.source import Source, SourceForm
 from ..semantics import masks
 from ..semantics.frames import IndexEntry, resolve_frame_index
 from ..semantics.plan import EditPlan
@@ -79,7 +80,6 @@ class FateZeroState:
     step: int = 0                            # edit step j (edit mode)
     store: AttentionStore = field(default_factory=RecomputeStore)
     store_step: int = 0                      # inversion call whose attention is captured or fused
-    source_branch: int = 0                   # batch branch holding the source (edit mode)
     source_token_maps: torch.Tensor | None = None  # (F, rh, rw, 77) this step's inversion maps
     capture_branch: int | None = None        # branch whose mask-level cross maps are recorded (-1: the last)
     chunk: ChunkView | None = None           # chunked execution: which frames the rows are (None: all)
@@ -120,12 +120,11 @@ class FateZeroState:
         return slice(0, self.num_frames) if self.chunk is None else slice(self.chunk.start, self.chunk.stop)
 
     def source_rows(self) -> slice:
-        """Rows of the batch holding the source branch (recompute store only)."""
-        rows = self.rows_per_branch
-        return slice(self.source_branch * rows, (self.source_branch + 1) * rows)
+        """Rows of the batch holding the source branch, the first (recompute store only)."""
+        return slice(0, self.rows_per_branch)
 
     def drop_first_branch(self) -> None:
-        """Branch 0 (the recompute source) left the batch mid-call (fatezero_fast.source_branch)."""
+        """Branch 0 (the recompute source) left the batch mid-call (unet/source_exit.py)."""
         if self.capture_branch is not None and self.capture_branch >= 0:
             self.capture_branch -= 1
 
@@ -225,8 +224,7 @@ class SpatioTemporalAttnProcessor:
                                   scale=attn.scale, backend=st.config.backend, out=out[:plain * qf])
         if edit:
             if st.store.recompute:
-                src = slice(st.source_branch * kf, (st.source_branch + 1) * kf)
-                source = ("qk", q[st.source_rows()], k[src])
+                source = Source(SourceForm.QK, q[st.source_rows()], k[:kf])
             else:
                 source = st.store.self_source(st.store_step, self.name, st.frame_slice, frames, q.device)
             mask = st.self_blend_mask(tokens)

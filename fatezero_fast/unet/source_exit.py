@@ -2,7 +2,7 @@
 
 With the recompute store an edit step's UNet batch is [source, (uncond,) target]: the source
 branch re-evaluates inversion on the stored latent with the source prompt, and only the fusion of
-the controlled layers reads it (their self-attention Q/K, FATEZERO.md item 6, and cross maps, item
+the controlled layers reads it (their self-attention Q/K, docs/semantics.md §6, and cross maps, item
 5). Its noise prediction is discarded. So the pipeline
 
 - leaves it out of the batch at steps that fuse nothing (`EditPlan.uses_source`: outside the

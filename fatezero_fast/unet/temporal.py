@@ -161,10 +161,28 @@ def has_temporal(unet: nn.Module) -> bool:
     return any(hasattr(m, "_fz_temporal_names") or hasattr(m, "conv_temporal") for m in unet.modules())
 
 
+class TemporalControl:
+    """How the temporal hooks of one UNet find the clip: whole clips of state.num_frames frames, or,
+    in a layer-major run (fatezero_fast.unet.runner), a chunk of frames with its halo."""
+
+    def __init__(self, state):
+        self.state = state
+        self.layer_major = False
+        self.halo: tuple[int, int, int] | None = None  # (frames before, frames after, branches) of the chunk rows
+
+    def frames(self, rows: int) -> int:
+        f = self.state.num_frames
+        if rows % f:
+            raise ValueError(f"a batch of {rows} frames is not a whole number of {f}-frame clips")
+        return f
+
+
 def install_hooks(unet: nn.Module, state) -> int:
     """Run the attached temporal modules as forward hooks (clips of state.num_frames frames); returns the count.
 
     Installing again replaces the hooks (the latest state drives them)."""
+    control = TemporalControl(state)
+    unet._fz_temporal = control
     count = 0
     for module in unet.modules():
         handle = getattr(module, "_fz_temporal_hook", None)
@@ -172,9 +190,9 @@ def install_hooks(unet: nn.Module, state) -> int:
             handle.remove()
             del module._fz_temporal_hook
         if hasattr(module, "_fz_temporal_names"):
-            hook = _attention_hook(state)
+            hook = _attention_hook(control)
         elif isinstance(module, nn.Conv2d) and hasattr(module, "conv_temporal"):
-            hook = _conv_hook(state)
+            hook = _conv_hook(control)
         else:
             continue
         module._fz_temporal_hook = module.register_forward_hook(hook)
@@ -182,22 +200,29 @@ def install_hooks(unet: nn.Module, state) -> int:
     return count
 
 
-def _frames(state, rows: int) -> int:
-    if state.chunk is not None:
-        raise NotImplementedError("this chunked runner does not run temporal modules; run the model unchunked")
-    f = state.num_frames
-    if rows % f:
-        raise ValueError(f"a batch of {rows} frames is not a whole number of {f}-frame clips")
-    return f
-
-
-def _attention_hook(state):
+def _attention_hook(control: TemporalControl):
     def hook(block, args, output):
-        return temporal_attention_rows(block, output, _frames(state, output.shape[0]))
+        if control.layer_major:
+            raise RuntimeError("the layer-major runner applies temporal attention itself")
+        return temporal_attention_rows(block, output, control.frames(output.shape[0]))
     return hook
 
 
-def _conv_hook(state):
+def _conv_hook(control: TemporalControl):
     def hook(conv, args, output):
-        return temporal_conv_rows(conv.conv_temporal, output, _frames(state, output.shape[0]))
+        if not control.layer_major:
+            return temporal_conv_rows(conv.conv_temporal, output, control.frames(output.shape[0]))
+        if control.halo is None:
+            raise RuntimeError("a layer-major run called a temporal conv outside a chunk with halo")
+        lo, hi, branches = control.halo
+        bf, c, h, w = output.shape
+        y = output.view(branches, bf // branches, c, h, w).transpose(1, 2)
+        y = temporal_conv_frames(conv.conv_temporal, y, (lo, hi))
+        return y.transpose(1, 2).reshape(-1, c, h, w)
     return hook
+
+
+def reach_of(*modules: nn.Module) -> int:
+    """Halo frames a chunk function calling these Conv2d (or modules holding them) needs on each side."""
+    return max([conv_reach(m.conv_temporal) for module in modules if module is not None
+                for m in module.modules() if isinstance(m, nn.Conv2d) and hasattr(m, "conv_temporal")], default=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..source import SourceForm
+from ..source import Source, SourceForm
 
 _op = None          # torch.ops.fatezero_fast.blended_attention once loaded
 _load_error = None  # why it could not be loaded (str), once tried
@@ -19,7 +19,7 @@ def _load():
     global _op, _load_error
     if _op is None and _load_error is None:
         try:
-            from .. import _C  # noqa: F401  (registers torch.ops.fatezero_fast.*)
+            from ... import _C  # noqa: F401  (registers torch.ops.fatezero_fast.*)
             _op = torch.ops.fatezero_fast.blended_attention
         except (ImportError, OSError, AttributeError, RuntimeError) as exc:
             _load_error = f"{type(exc).__name__}: {exc}"
@@ -41,6 +41,7 @@ def available(device=None) -> bool:
 
 def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     """out = M softmax(Q K_e^T s) V_e + (1 - M) P_s V_e on CPU; inputs validated and `source` parsed by ops.api."""
+    source = Source.of(source)
     op = _load()
     if op is None:
         raise RuntimeError(f"the cpu backend needs fatezero_fast._C ({_load_error}); rebuild with "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..source import SourceForm
+from ..source import Source, SourceForm
 
 _OP_NAME = "fatezero_fast::blended_attention"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -97,6 +97,7 @@ def blended_attention(q, k, v, kv_frames, source, mask, scale, out=None):
     Raises ValueError for what the CUDA kernel does not cover: float32/float64 q, the
     low-rank source, P_s dtypes other than float32/float16/bfloat16/float8_e4m3fn.
     """
+    source = Source.of(source)
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"the cuda backend supports float16 and bfloat16 inputs, got {q.dtype}: "
                          "use the triton or cpu backend")

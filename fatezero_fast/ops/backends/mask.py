@@ -1,4 +1,4 @@
-"""The fused blend-mask op (FATEZERO.md item 7): torch.ops.fatezero_fast.blend_mask from fatezero_fast._C.
+"""The fused blend-mask op (docs/semantics.md §7): torch.ops.fatezero_fast.blend_mask from fatezero_fast._C.
 
 csrc/blend_mask_cpu.cpp (CPU, OpenMP over frames) and csrc/blend_mask_cuda.cu (CUDA) compute
 control.blend_mask in one pass without the (F, rh, rw, 77) product tensor, equal to it bit for

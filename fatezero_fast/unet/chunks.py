@@ -1,0 +1,226 @@
+"""Chunked execution's bookkeeping: whole-clip activations, the chunk loop, per-frame K/V caches.
+
+A layer-major UNet call (unet/runner.py) keeps every activation of the whole clip between
+modules in a `ClipActivation` (host memory, pinned on CUDA, frame-major so that a chunk is one
+contiguous block) and runs each module chunk by chunk through a `ChunkSchedule`. As each chunk
+is written its per-(branch, channel) count, mean and M2 are kept, so that a clip-wide GroupNorm
+can be applied afterwards (unet/groupnorm.py). A `KVCache` keeps the keys and values of one
+attn1 for the frames the sparse-causal index lists name, so that each chunk's queries find the
+K/V of their anchor frames wherever those are in the clip.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .processors import SpatioTemporalAttnProcessor
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for statistics and normalisation (fp32 and fp64 stay)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class ChunkSchedule:
+    """Frames [a, e) of every branch, chunk after chunk: where whole-clip activations live, and the
+    loop that brings each chunk to the device (prefetching the next one on CUDA)."""
+
+    def __init__(self, num_frames: int, branches: int, chunk_size: int, device: torch.device, offload: bool,
+                 context: torch.Tensor, passes: int | None):
+        self.num_frames, self.branches, self.device = num_frames, branches, device
+        self.bounds = [(a, min(a + chunk_size, num_frames)) for a in range(0, num_frames, chunk_size)]
+        self.storage = torch.device("cpu") if offload else device
+        self.pin = device.type == "cuda" and offload
+        self.copy_stream = torch.cuda.Stream(device) if self.pin else None
+        self.context = context  # encoder_hidden_states (B*F, L, D), branch-major
+        self.chunk_size = chunk_size
+        self.halo = (0, 0)      # neighbour frames the current chunk's rows hold before and after it
+        self.temporal = None    # the UNet's TemporalControl (unet/temporal.py), when it has temporal modules
+        self.bar = tqdm(total=None if passes is None else passes * len(self.bounds), desc="UNet chunks",
+                        unit="chunk", leave=False, disable=passes is None)
+
+    def span(self, a: int, e: int, reach: int) -> tuple[int, int]:
+        """Frames [a, e) with up to `reach` neighbour frames on each side, within the clip."""
+        return max(0, a - reach), min(self.num_frames, e + reach)
+
+    def trim(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the current chunk read with its halo -> the rows of the chunk's own frames."""
+        lo, hi = self.halo
+        if not lo and not hi:
+            return rows
+        x = rows.reshape(self.branches, -1, *rows.shape[1:])
+        return x[:, lo:x.shape[1] - hi].reshape(-1, *rows.shape[1:])
+
+    def _enter(self, a: int, e: int, reach: int) -> None:
+        a0, e0 = self.span(a, e, reach)
+        self.halo = (a - a0, e0 - e)
+        if self.temporal is not None:  # the temporal conv hooks trim the halo (unet/temporal.py)
+            self.temporal.halo = (a - a0, e0 - e, self.branches) if reach else None
+
+    def each(self, inputs: Sequence[ClipActivation], reach: int = 0):
+        """Yield (a, e, device rows of each input) for every chunk; on CUDA the next chunk's inputs
+        are copied in on a side stream while the caller computes on this one. With `reach`, the rows
+        also hold up to that many neighbour frames on each side (`halo`, `trim`): the halo a
+        temporal conv in the caller's computation needs."""
+        if self.copy_stream is None:
+            for a, e in self.bounds:
+                rows = [x.read(*self.span(a, e, reach)) for x in inputs]
+                self._enter(a, e, reach)
+                yield a, e, rows
+                self.bar.update()
+            self._enter(0, 0, 0)
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(current)  # the inputs were written on the current stream
+
+        def fetch(j):
+            with torch.cuda.stream(self.copy_stream):
+                return [x.read(*self.span(*self.bounds[j], reach)) for x in inputs]
+
+        pending = fetch(0)
+        for j, (a, e) in enumerate(self.bounds):
+            current.wait_stream(self.copy_stream)
+            rows = pending
+            for t in rows:
+                t.record_stream(current)
+            if j + 1 < len(self.bounds):
+                pending = fetch(j + 1)
+            self._enter(a, e, reach)
+            yield a, e, rows
+            self.bar.update()
+        self._enter(0, 0, 0)
+
+    def map(self, inputs: Sequence[ClipActivation], fn: Callable, stats: bool = True, reach: int = 0) -> ClipActivation:
+        """out[a:e] = fn(a, e, *rows of inputs[a:e]) for every chunk (rows with a halo of `reach` frames)."""
+        out = ClipActivation(self, stats)
+        for a, e, rows in self.each(inputs, reach):
+            out.write(a, e, fn(a, e, *rows))
+        return out
+
+    def context_rows(self, a: int, e: int) -> torch.Tensor:
+        """encoder_hidden_states rows of frames [a, e) of every branch."""
+        c = self.context
+        c = c.reshape(self.branches, self.num_frames, *c.shape[1:])[:, a:e]
+        return c.reshape(-1, *c.shape[2:]).to(self.device)
+
+    def drop_first_branch(self) -> None:
+        """Branch 0 leaves the batch: later chunks hold the other branches only."""
+        self.branches -= 1
+        self.context = self.context[self.num_frames:]
+
+
+class ClipActivation:
+    """A whole-clip activation: (F, B, ...) frame-major, on the host (pinned on CUDA) or the device.
+
+    Chunks are read and written as branch-major rows (B*c, ...) of frames [a, e) of every branch,
+    the UNet batch layout the processors expect. Each written chunk of a 4-D activation adds its
+    per-(branch, channel) statistics for a later clip-wide GroupNorm.
+    """
+
+    def __init__(self, schedule: "ChunkSchedule", stats: bool = True):
+        self.schedule, self.keep_stats = schedule, stats
+        self.data: torch.Tensor | None = None
+        self.dropped = 0  # leading branches of `data` that left the batch (`without_first_branch`)
+        self.compacted = False  # branch 0 is not in `data` at all (`compact_without_first_branch`)
+        self.stats: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk, (B, C)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape[2:]
+
+    def write(self, a: int, e: int, y: torch.Tensor) -> None:
+        r = self.schedule
+        b, c = r.branches, e - a
+        y = y.reshape(b, c, *y.shape[1:])
+        if self.data is None:
+            self.data = torch.empty((r.num_frames, b) + tuple(y.shape[2:]), dtype=y.dtype, device=r.storage,
+                                    pin_memory=r.pin)
+        if self.keep_stats and y.dim() == 5:
+            var, mean = torch.var_mean(_upcast(y).flatten(3), dim=(1, 3), unbiased=False)  # (B, C)
+            n = c * y.shape[3] * y.shape[4]
+            self.stats.append((n, mean.double(), var.double() * n))
+        self.data[a:e].copy_(y.transpose(0, 1), non_blocking=r.pin)
+
+    def read(self, a: int, e: int) -> torch.Tensor:
+        """Frames [a, e) as device rows (B*c, ...) (issued on the current stream)."""
+        r = self.schedule
+        # the whole (contiguous) chunk is copied, dropped branches are sliced off on the device
+        x = self.data[a:e].to(r.device, non_blocking=r.pin)[:, self.dropped:]
+        return x.transpose(0, 1).reshape((r.branches * (e - a),) + tuple(x.shape[2:]))
+
+    def without_first_branch(self) -> "ClipActivation":
+        """The same activation without branch 0 (a view: nothing is copied)."""
+        if self.compacted:
+            return self
+        clip = ClipActivation(self.schedule, self.keep_stats)
+        clip.data, clip.dropped = self.data, self.dropped + 1
+        clip.stats = [(n, mean[1:], m2[1:]) for n, mean, m2 in self.stats]
+        return clip
+
+    def compact_without_first_branch(self) -> "ClipActivation":
+        """A copy without branch 0, for a skip activation that only modules after branch 0 left the
+        batch will read: its memory goes, and `without_first_branch` of the copy is the copy itself."""
+        clip = self.without_first_branch()
+        data = self.data[:, 1:]
+        clip.data = torch.empty(data.shape, dtype=data.dtype, device=data.device, pin_memory=self.schedule.pin)
+        clip.data.copy_(data)
+        clip.dropped, clip.compacted = 0, True
+        return clip
+
+    def channel_stats(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(count, mean, M2) per (branch, channel) over all frames, float64 (parallel-variance combination)."""
+        if not self.stats or sum(n for n, _, _ in self.stats) != self.schedule.num_frames * self.shape[1] * \
+                self.shape[2]:
+            raise RuntimeError("clip-wide statistics need every chunk of the activation written")
+        total = sum(n for n, _, _ in self.stats)  # no device sync: counts are host ints
+        counts = torch.tensor([n for n, _, _ in self.stats], dtype=torch.float64).to(self.stats[0][1].device)
+        means = torch.stack([m for _, m, _ in self.stats])        # (K, B, C)
+        m2s = torch.stack([m2 for _, _, m2 in self.stats])
+        mean = (counts[:, None, None] * means).sum(0) / total
+        m2 = m2s.sum(0) + (counts[:, None, None] * (means - mean) ** 2).sum(0)
+        return total, mean, m2
+
+
+class KVCache:
+    """Per-frame keys and values of one attn1 for the frames its queries need, kept over the clip."""
+
+    def __init__(self, schedule: ChunkSchedule, attn, processor: SpatioTemporalAttnProcessor):
+        self.schedule, self.attn, self.processor = schedule, attn, processor
+        self.frames = processor.kv_frames_needed()  # (S,) sorted clip frames, CPU
+        self.k: torch.Tensor | None = None  # (S, B, H, N, D) in storage
+        self.v: torch.Tensor | None = None
+
+    def put(self, a: int, e: int, normed: torch.Tensor) -> None:
+        """Project the normalised attn1 input rows of frames [a, e) and keep the needed frames."""
+        lo, hi = (int(torch.searchsorted(self.frames, x)) for x in (a, e))
+        if lo == hi:
+            return
+        r = self.schedule
+        rows = normed.reshape(r.branches, e - a, *normed.shape[1:])[:, self.frames[lo:hi] - a]
+        k, v = self.processor.key_value(self.attn, rows.reshape(-1, *normed.shape[1:]))
+        for name, x in (("k", k), ("v", v)):
+            x = x.reshape(r.branches, hi - lo, *x.shape[1:]).transpose(0, 1)
+            if getattr(self, name) is None:
+                setattr(self, name, torch.empty((len(self.frames),) + tuple(x.shape[1:]), dtype=x.dtype,
+                                                device=r.storage, pin_memory=r.pin))
+            getattr(self, name)[lo:hi].copy_(x, non_blocking=r.pin)
+
+    def get(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (B*S', H, N, D) of the sorted clip `frames` (a subset of the cached ones), on the device."""
+        r = self.schedule
+        slots = torch.searchsorted(self.frames, frames).tolist()
+        if any(self.frames[s] != f for s, f in zip(slots, frames.tolist())):
+            raise RuntimeError(f"frames {frames.tolist()} are not all in the K/V cache {self.frames.tolist()}")
+        runs, start = [], 0  # contiguous slot runs: plain slices of (pinned) storage, no host-side gather
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[i - 1] + 1:
+                runs.append((slots[start], slots[i - 1] + 1))
+                start = i
+        out = []
+        for cache in (self.k, self.v):
+            parts = [cache[lo:hi].to(r.device, non_blocking=r.pin) for lo, hi in runs]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            out.append(x.transpose(0, 1).reshape(-1, *x.shape[2:]))
+        return out[0], out[1]
