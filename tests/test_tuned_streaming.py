@@ -60,3 +60,21 @@ def test_invert_and_edit_equal_unchunked(form, index):
         results.append((inversion.latents, edit.latents))
     assert rel(results[1][0], results[0][0]) < 1e-12
     assert rel(results[1][1], results[0][1]) < 1e-12
+
+
+def test_controller_on_a_tuned_model_equals_the_pipeline():
+    """FateZeroController around a user's own loop on a UNet with temporal modules (the drop-in path)."""
+    import copy
+
+    from test_controller import GUIDANCE, INDEX, OPTIONS, SOURCE, STEPS, TARGET, own_loop
+
+    parts = random_tuned_components("fatezero", "tiny", conv="lora", lora=8, seed=5)
+    for name in ("unet", "text_encoder", "vae"):
+        parts[name] = parts[name].double()
+    latents = torch.randn(3, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pipe = FateZeroPipeline(**copy.deepcopy(parts), device="cpu", dtype=torch.float64,
+                            attention=VideoAttentionConfig(sparse_causal_index=INDEX, backend="reference"))
+    inversion = pipe.invert(None, SOURCE, STEPS, latents=latents, store="recompute", progress=False)
+    expected = pipe.edit(inversion, TARGET, decode=False, progress=False, guidance_scale=GUIDANCE, **OPTIONS)
+    z, _ = own_loop(copy.deepcopy(parts), latents, "recompute")
+    assert rel(z, expected.latents) < 1e-12

@@ -185,17 +185,17 @@ def install_hooks(unet: nn.Module, state) -> int:
     unet._fz_temporal = control
     count = 0
     for module in unet.modules():
-        handle = getattr(module, "_fz_temporal_hook", None)
-        if handle is not None:
-            handle.remove()
-            del module._fz_temporal_hook
+        # earlier hooks go (found by their mark, so that a deep copy of a hooked UNet loses them too)
+        for key in [k for k, fn in module._forward_hooks.items() if getattr(fn, "fz_temporal", False)]:
+            del module._forward_hooks[key]
         if hasattr(module, "_fz_temporal_names"):
             hook = _attention_hook(control)
         elif isinstance(module, nn.Conv2d) and hasattr(module, "conv_temporal"):
             hook = _conv_hook(control)
         else:
             continue
-        module._fz_temporal_hook = module.register_forward_hook(hook)
+        hook.fz_temporal = True
+        module.register_forward_hook(hook)
         count += 1
     return count
 
