@@ -24,7 +24,8 @@ from fatezero_fast.unet.processors import VideoAttentionConfig, install
 FRAMES, SIZE = 3, 8
 MODELS = {"fatezero-lora": {"fmt": "fatezero", "conv": "lora", "lora": 8},
           "fatezero-full": {"fmt": "fatezero", "conv": "full"},
-          "tuneavideo": {"fmt": "tuneavideo"}}
+          "tuneavideo": {"fmt": "tuneavideo"},
+          "fatezero-sd2": {"fmt": "fatezero", "conv": "lora", "lora": 8, "kind": "tiny-sd2"}}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_detection_and_description(tuned_dirs, tiny_model_dir):
     tav = detect(tuned_dirs["tuneavideo"])
     assert (tav.kind, tav.temporal.conv, tav.native_index) == ("tuneavideo", None, ["first", -1])
     assert detect(tiny_model_dir).kind == "sd"
+    sd2 = detect(tuned_dirs["fatezero-sd2"])
+    assert (sd2.prediction_type, sd2.family, sd2.unet_config["upcast_attention"]) == ("v_prediction", "2.x", True)
     text = describe(tuned_dirs["fatezero-lora"], lora=8)
     assert "FateZero" in text and "LoRA rank: 8 (from the model_config" in text and "prediction type: epsilon" in text
 
