@@ -71,7 +71,7 @@ def test_controller_on_a_tuned_model_equals_the_pipeline():
     parts = random_tuned_components("fatezero", "tiny", conv="lora", lora=8, seed=5)
     for name in ("unet", "text_encoder", "vae"):
         parts[name] = parts[name].double()
-    latents = torch.randn(3, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pipe = FateZeroPipeline(**copy.deepcopy(parts), device="cpu", dtype=torch.float64,
                             attention=VideoAttentionConfig(sparse_causal_index=INDEX, backend="reference"))
     inversion = pipe.invert(None, SOURCE, STEPS, latents=latents, store="recompute", progress=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..unet.temporal import TemporalSpec, lora_rank
+from .weights import read_shapes, weights_file
 
 KINDS = {"sd": "plain Stable Diffusion (UNet2DConditionModel)",
          "fatezero": "a FateZero tuned model (UNetPseudo3DConditionModel)",
@@ -33,7 +34,6 @@ _KEY_MARKS = (("fatezero", re.compile(r"\.(attn_temporal|norm_temporal|conv_temp
 _IGNORED_CONFIG = {"_class_name", "_diffusers_version", "_name_or_path", "kwargs", "lora",
                    "SparseCausalAttention_index", "least_sc_channel", "temporal_downsample",
                    "temporal_downsample_time"}
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 @dataclass
@@ -72,13 +72,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object")
     return data
-
-
-def weights_file(unet_dir: Path) -> Path:
-    for name in WEIGHT_FILES:
-        if (unet_dir / name).is_file():
-            return unet_dir / name
-    raise InputError(f"{unet_dir} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def _declared_kind(config: dict, path: Path) -> str:
@@ -159,8 +152,6 @@ def detect(folder: str | Path, lora: int | None = None, keys_shapes: dict | None
 
     keys_shapes: {key: shape} of the UNet weights (read from the weight file when not given);
     lora: the LoRA rank the user's model_config gives, if any."""
-    from .loading import read_shapes
-
     folder = Path(folder)
     unet_dir = folder / "unet"
     config_path = unet_dir / "config.json"

@@ -8,68 +8,14 @@ offending keys.
 """
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from ..unet import temporal
-from .formats import ModelFormat, detect, weights_file
-
-
-def _first(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def _safetensors_header(path: Path) -> dict:
-    """The tensors a .safetensors file declares, checked against the file's length (a truncated file fails)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise InputError(f"{path} is truncated: {size} bytes, not even a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise InputError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path} is not a safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
-    beyond = sorted((info["data_offsets"][1], key) for key, info in header.items()
-                    if 8 + n + info["data_offsets"][1] > size)
-    if beyond:
-        raise InputError(f"{path} is truncated ({size} bytes): tensors {_first([k for _, k in beyond])} "
-                         f"lie beyond its end")
-    return header
-
-
-def read_shapes(path: Path) -> dict[str, tuple]:
-    """{key: shape} of a weight file, without reading the tensors where the format allows."""
-    if path.suffix == ".safetensors":
-        return {k: tuple(info["shape"]) for k, info in _safetensors_header(path).items()}
-    return {k: tuple(v.shape) for k, v in read_weights(path, mmap=True).items()}
-
-
-def read_weights(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of a .safetensors or .bin weight file; a damaged file is an InputError."""
-    try:
-        if path.suffix == ".safetensors":
-            _safetensors_header(path)
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except InputError:
-        raise
-    except Exception as exc:  # torch/safetensors say "failed finding central directory" and the like
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{path} is truncated or not a weight file ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path} does not hold a state dict of tensors")
-    return state
+from .formats import ModelFormat, detect
+from .weights import first_keys, read_weights, weights_file
 
 
 def build_unet(fmt: ModelFormat, state: dict[str, torch.Tensor]):
@@ -93,18 +39,18 @@ def build_unet(fmt: ModelFormat, state: dict[str, torch.Tensor]):
     where = fmt.weights
     unknown = [k for k in state if k not in expected]
     if unknown:
-        raise InputError(f"{where} has keys that {fmt.unet_class} does not: {_first(unknown)}")
+        raise InputError(f"{where} has keys that {fmt.unet_class} does not: {first_keys(unknown)}")
     missing = [k for k in expected if k not in state]
     if missing:
-        raise InputError(f"{where} lacks keys that {fmt.unet_class} needs: {_first(missing)}")
+        raise InputError(f"{where} lacks keys that {fmt.unet_class} needs: {first_keys(missing)}")
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
              if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
-        raise InputError(f"{where} has tensors of the wrong shape: {_first(wrong, 2)}")
+        raise InputError(f"{where} has tensors of the wrong shape: {first_keys(wrong, 2)}")
     unet.load_state_dict(state, strict=True, assign=True)
     meta = [name for name, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
     if meta:  # nothing may be left uninitialised
-        raise RuntimeError(f"tensors not loaded: {_first(meta)}")
+        raise RuntimeError(f"tensors not loaded: {first_keys(meta)}")
     return unet.eval()
 
 
