@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..semantics.ddim import ddim_inversion_step
+from ..semantics.ddim import ddim_inversion_step, epsilon_from_v
 from ..semantics.masks import blend_latents
 from ..semantics.plan import EditOptions
 from ..semantics.tokens import fit_prompt
@@ -95,6 +95,11 @@ class FateZeroPipeline:
             self.unet = unet.to(self.device, self.dtype).eval()
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
         self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.model_format = None  # what from_pretrained detected (fatezero_fast.models.formats)
+        # the UNet predicts epsilon or v (SD 2.x); the steps take epsilon (fatezero_fast.semantics.ddim)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"prediction_type {self.prediction_type!r} is not supported: use epsilon or v_prediction")
         self.state = install(self.unet, self.run.attention)
         self.shard: FrameShard | None = None  # frames split over ranks (distribute)
 
@@ -103,7 +108,11 @@ class FateZeroPipeline:
         group, initialised from torchrun's environment when it is not yet). Every rank runs the same
         calls on the same inputs and gets the same results; only rank 0 shows progress and decodes.
         Returns False (nothing changes) in a single process."""
-        self.shard = shard_from_env(group)
+        shard = shard_from_env(group)
+        if shard is not None and getattr(self.unet, "_fz_temporal", None) is not None:
+            raise InputError("this model's temporal layers couple all frames at each pixel: splitting its frames "
+                             "over ranks is not supported yet; run it in one process (--chunk-size bounds memory)")
+        self.shard = shard
         return self.shard is not None
 
     def _shows_progress(self, progress: bool) -> bool:
@@ -112,31 +121,43 @@ class FateZeroPipeline:
     @property
     def chunk_size(self) -> int | str | None:
         """Frames per branch that go through the UNet at once (unet/runner.py); None: all at once;
-        "auto": chosen per call shape from the free GPU memory (unet.chunk_size)."""
+        "auto": chosen per call shape from the free GPU memory (unet/chunk_size.py)."""
         return self.run.chunk_size
 
     # -- construction
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs) -> "FateZeroPipeline":
-        """Load a local diffusers-format Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler)."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    def from_pretrained(cls, folder: str | Path, *, lora: int | None = None, **kwargs) -> "FateZeroPipeline":
+        """Load a local diffusers-format folder (vae, text_encoder, tokenizer, unet, scheduler).
+
+        The UNet may be plain SD 1.x/2.x, a FateZero tuned model or a Tune-A-Video model
+        (fatezero_fast.models.formats); `lora` is the LoRA rank of the run's model_config, checked
+        against the weights. A Tune-A-Video model attends to the frames it was tuned with (first and
+        previous) unless `attention` (or `run`) says otherwise."""
+        from diffusers import AutoencoderKL, DDIMScheduler
         from diffusers.utils import is_accelerate_available
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from ..models.loading import load_unet
+
+        attention_given = kwargs.get("attention") is not None or kwargs.get("run") is not None
         kwargs = _with_checked_run(kwargs)  # bad options fail before anything is loaded
         folder = check_model_folder(folder)
-        loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer,
-                       unet=UNet2DConditionModel, scheduler=DDIMScheduler)
-        # without accelerate diffusers would warn once per model that it cannot load with low memory
-        low_memory = {name: dict(low_cpu_mem_usage=is_accelerate_available()) for name in ("vae", "unet")}
-        parts = {}
+        unet, fmt = load_unet(folder, lora)
+        loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer, scheduler=DDIMScheduler)
+        # without accelerate diffusers would warn that it cannot load with low memory
+        low_memory = {"vae": dict(low_cpu_mem_usage=is_accelerate_available())}
+        parts = {"unet": unet}
         for name, loader in loaders.items():
             try:
                 parts[name] = loader.from_pretrained(folder / name, **low_memory.get(name, {}))
             except Exception as exc:  # a broken component: name it, not a deep traceback
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputError(f"cannot load {name} from {folder / name}: {first}") from exc
-        return cls(**parts, **kwargs)
+        if not attention_given:
+            kwargs["run"] = kwargs["run"].with_(attention=VideoAttentionConfig(sparse_causal_index=fmt.native_index))
+        pipe = cls(**parts, **kwargs)
+        pipe.model_format = fmt
+        return pipe
 
     @classmethod
     def tiny_random(cls, seed: int = 0, **kwargs) -> "FateZeroPipeline":
@@ -182,6 +203,7 @@ class FateZeroPipeline:
     def _timesteps(self, num_inference_steps: int):
         check_steps(num_inference_steps)
         scheduler = copy.deepcopy(self.scheduler)
+        scheduler.register_to_config(prediction_type="epsilon")  # the steps are given epsilon
         scheduler.set_timesteps(num_inference_steps)
         return scheduler, scheduler.timesteps
 
@@ -209,6 +231,12 @@ class FateZeroPipeline:
                 return self.unet(sample, t, encoder_hidden_states=context).sample
         return streaming_unet(self.unet, sample, t, context, num_frames=f, chunk_size=chunk_size, state=self.state,
                               progress=progress and chunk_size < f, drop_first_branch_at=drop_first_branch_at)
+
+    def _epsilon(self, output: torch.Tensor, sample: torch.Tensor, t, scheduler) -> torch.Tensor:
+        """The UNet's output at timestep t as epsilon (a v-prediction model's v converted; same rows as sample)."""
+        if self.prediction_type == "epsilon":
+            return output
+        return epsilon_from_v(output, sample, scheduler.alphas_cumprod[int(t)].to(output.device))
 
     def auto_chunk_size(self, frames: int, branches: int, latent_size: tuple[int, int]) -> int | None:
         """What chunk_size="auto" runs a UNet call of this shape with (chosen once per shape)."""
@@ -257,7 +285,7 @@ class FateZeroPipeline:
         for i in tqdm(range(steps), desc="inversion", disable=not self._shows_progress(progress)):
             t = timesteps[steps - 1 - i]
             with ctl.inversion_step(i, z):
-                eps = self._unet([z], [cond], t, chunk_size, progress)
+                eps = self._epsilon(self._unet([z], [cond], t, chunk_size, progress), z, t, scheduler)
             maps = ctl.token_maps.pop(i).cpu()
             if token_maps is None:  # kept where the latents are
                 token_maps = new_steps((steps,) + tuple(maps.shape), maps.dtype,
@@ -311,10 +339,9 @@ class FateZeroPipeline:
             with ctl.edit_step(j, z):
                 exit_block = source_exit_block(self.unet, self.state) if with_source else None
                 eps = self._unet(branches, embeddings, t, chunk_size, progress, exit_block)
-            eps_edit = eps[-f:]
+            eps_edit = self._epsilon(eps[-f:], z, t, scheduler)
             if cfg:
-                if not separate_uncond:
-                    eps_uncond = eps[-2 * f:-f]
+                eps_uncond = self._epsilon(eps_uncond if separate_uncond else eps[-2 * f:-f], z, t, scheduler)
                 eps_edit = eps_uncond + options.guidance_scale * (eps_edit - eps_uncond)
             z = scheduler.step(eps_edit, t, z).prev_sample.to(self.dtype)
             if plan.blend_self_attention and plan.replaces_self(j):

@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_args(invert)
     add_output_args(invert, "out/inversion")
 
-    info = sub.add_parser("info", help="backends (auto's order and why one is passed over), device and versions")
+    info = sub.add_parser("info", help="backends (auto's order and why one is passed over), device and versions "
+                                       "(with --model: what the model folder holds)")
+    info.add_argument("--model", help="a model folder: print its format, LoRA rank, temporal layers, prediction type")
+    info.add_argument("--lora", type=int, help="the LoRA rank of the run's model_config, checked against the weights")
     info.add_argument("--selftest", action="store_true",
                       help="run every available backend over a fixed matrix against the reference; one row per "
                            "case; exit code 1 if any case fails")
@@ -122,7 +125,7 @@ def _build_pipeline(job, run):
             torch.set_num_threads(1)  # the tiny model's tensors are too small to share between threads
         return FateZeroPipeline.tiny_random(seed=0, run=run)
     torch.manual_seed(job.seed)
-    return FateZeroPipeline.from_pretrained(job.model, run=run)
+    return FateZeroPipeline.from_pretrained(job.model, run=run, lora=job.lora)
 
 
 def _check_edits(pipe, job, steps: int) -> None:
@@ -310,6 +313,10 @@ def cmd_info(args) -> int:
         lines += dispatch.explain(device)
     lines.append("self-check at first use: " + ("on" if ops.selfcheck.enabled() else
                                                 f"off ({ops.selfcheck.ENV_SWITCH}=0)"))
+    if args.model:
+        from ..models.formats import describe
+
+        lines.append(describe(args.model, args.lora))
     print("\n".join(lines), flush=True)
     if not args.selftest:
         return 0

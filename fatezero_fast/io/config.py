@@ -2,8 +2,9 @@
 
 A config names the model, the clip (dataset_config), the editing prompts with one p2p_config
 entry each (editing_config) and the video model (model_config). The first editing prompt is
-usually the source prompt itself; every prompt is edited from the one inversion. Keys that do
-not apply to plain SD weights (lora, temporal_downsample_time, ...) are accepted with a note.
+usually the source prompt itself; every prompt is edited from the one inversion. model_config's
+lora is the LoRA rank of a FateZero tuned checkpoint (checked against its weights); keys that do
+not apply (temporal_downsample_time, ...) are accepted with a note.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class JobConfig:
     edits: list[tuple[str, EditOptions]] = field(default_factory=list)
     num_inference_steps: int = 50
     attention: VideoAttentionConfig = field(default_factory=VideoAttentionConfig)
+    lora: int | None = None        # model_config.lora: the tuned checkpoint's LoRA rank
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     from_config: set[str] = field(default_factory=set)  # the keys the config set (dataset_config.path, ...)
@@ -116,8 +118,12 @@ def load_config(path: str | Path) -> JobConfig:
     attention = VideoAttentionConfig(
         sparse_causal_index=model.get("SparseCausalAttention_index", [-1, "first"]),
         least_sc_channel=model.get("least_sc_channel"))
-    for key in sorted(set(model) & _MODEL_KEYS - {"SparseCausalAttention_index", "least_sc_channel"}):
-        notes.append(f"model_config: {key!r} does not apply to plain Stable Diffusion weights and is ignored")
+    lora = model.get("lora")
+    if lora is not None:
+        notes.append(f"model_config: lora {lora} is the LoRA rank of a FateZero tuned checkpoint's temporal convs: "
+                     f"checked against its weights, unused with plain Stable Diffusion weights")
+    for key in sorted(set(model) & _MODEL_KEYS - {"SparseCausalAttention_index", "least_sc_channel", "lora"}):
+        notes.append(f"model_config: {key!r} does not apply here and is ignored")
 
     guidance = float(editing.get("guidance_scale", 7.5))
     prompts = editing.get("editing_prompts") or []
@@ -137,6 +143,6 @@ def load_config(path: str | Path) -> JobConfig:
                          f"Diffusion folder) or pass --model")
     return JobConfig(model=str(raw["pretrained_model_path"]), video=video, source_prompt=data.get("prompt", ""),
                      edits=edits, num_inference_steps=int(editing.get("num_inference_steps", 50)),
-                     attention=attention, seed=int(raw.get("seed", 0)), notes=notes,
+                     attention=attention, lora=lora, seed=int(raw.get("seed", 0)), notes=notes,
                      from_config=from_config)
 

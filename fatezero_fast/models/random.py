@@ -24,6 +24,16 @@ CONFIGS = {
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      projection_dim=32),
     },
+    # SD 2.x's UNet at toy widths: heads of 16 channels, linear projections, upcast attention, v-prediction
+    "tiny-sd2": {
+        "unet": dict(sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+                     cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4), norm_num_groups=8,
+                     use_linear_projection=True, upcast_attention=True),
+        "vae": dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=128),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     projection_dim=32),
+        "scheduler": dict(prediction_type="v_prediction"),
+    },
     "sd14": {
         "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                      cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
@@ -41,7 +51,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
 
 
 def random_components(kind: str = "tiny", seed: int = 0) -> dict:
-    """vae, text_encoder, tokenizer, unet, scheduler of a random-weight SD model (`tiny` or `sd14`)."""
+    """vae, text_encoder, tokenizer, unet, scheduler of a random-weight SD model (a kind of CONFIGS)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -57,7 +67,7 @@ def random_components(kind: str = "tiny", seed: int = 0) -> dict:
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=77,
                                                 hidden_act="quick_gelu", **cfg["text"]))
     return dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
-                scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+                scheduler=DDIMScheduler(**SCHEDULER_CONFIG, **cfg.get("scheduler", {})))
 
 
 def save_random_model(folder: str | Path, kind: str = "tiny", seed: int = 0) -> Path:

@@ -38,23 +38,49 @@ class ChunkSchedule:
         self.pin = device.type == "cuda" and offload
         self.copy_stream = torch.cuda.Stream(device) if self.pin else None
         self.context = context  # encoder_hidden_states (B*F, L, D), branch-major
+        self.chunk_size = chunk_size
+        self.halo = (0, 0)      # neighbour frames the current chunk's rows hold before and after it
+        self.temporal = None    # the UNet's TemporalControl (unet/temporal.py), when it has temporal modules
         self.bar = tqdm(total=None if passes is None else passes * len(self.bounds), desc="UNet chunks",
                         unit="chunk", leave=False, disable=passes is None)
 
-    def each(self, inputs: Sequence[ClipActivation]):
+    def span(self, a: int, e: int, reach: int) -> tuple[int, int]:
+        """Frames [a, e) with up to `reach` neighbour frames on each side, within this process's frames."""
+        return max(self.lo, a - reach), min(self.hi, e + reach)
+
+    def trim(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the current chunk read with its halo -> the rows of the chunk's own frames."""
+        lo, hi = self.halo
+        if not lo and not hi:
+            return rows
+        x = rows.reshape(self.branches, -1, *rows.shape[1:])
+        return x[:, lo:x.shape[1] - hi].reshape(-1, *rows.shape[1:])
+
+    def _enter(self, a: int, e: int, reach: int) -> None:
+        a0, e0 = self.span(a, e, reach)
+        self.halo = (a - a0, e0 - e)
+        if self.temporal is not None:  # the temporal conv hooks trim the halo (unet/temporal.py)
+            self.temporal.halo = (a - a0, e0 - e, self.branches) if reach else None
+
+    def each(self, inputs: Sequence[ClipActivation], reach: int = 0):
         """Yield (a, e, device rows of each input) for every chunk; on CUDA the next chunk's inputs
-        are copied in on a side stream while the caller computes on this one."""
+        are copied in on a side stream while the caller computes on this one. With `reach`, the rows
+        also hold up to that many neighbour frames on each side (`halo`, `trim`): the halo a
+        temporal conv in the caller's computation needs."""
         if self.copy_stream is None:
             for a, e in self.bounds:
-                yield a, e, [x.read(a, e) for x in inputs]
+                rows = [x.read(*self.span(a, e, reach)) for x in inputs]
+                self._enter(a, e, reach)
+                yield a, e, rows
                 self.bar.update()
+            self._enter(0, 0, 0)
             return
         current = torch.cuda.current_stream(self.device)
         self.copy_stream.wait_stream(current)  # the inputs were written on the current stream
 
         def fetch(j):
             with torch.cuda.stream(self.copy_stream):
-                return [x.read(*self.bounds[j]) for x in inputs]
+                return [x.read(*self.span(*self.bounds[j], reach)) for x in inputs]
 
         pending = fetch(0)
         for j, (a, e) in enumerate(self.bounds):
@@ -64,13 +90,15 @@ class ChunkSchedule:
                 t.record_stream(current)
             if j + 1 < len(self.bounds):
                 pending = fetch(j + 1)
+            self._enter(a, e, reach)
             yield a, e, rows
             self.bar.update()
+        self._enter(0, 0, 0)
 
-    def map(self, inputs: Sequence[ClipActivation], fn: Callable, stats: bool = True) -> ClipActivation:
-        """out[a:e] = fn(a, e, *rows of inputs[a:e]) for every chunk."""
+    def map(self, inputs: Sequence[ClipActivation], fn: Callable, stats: bool = True, reach: int = 0) -> ClipActivation:
+        """out[a:e] = fn(a, e, *rows of inputs[a:e]) for every chunk (rows with a halo of `reach` frames)."""
         out = ClipActivation(self, stats)
-        for a, e, rows in self.each(inputs):
+        for a, e, rows in self.each(inputs, reach):
             out.write(a, e, fn(a, e, *rows))
         return out
 

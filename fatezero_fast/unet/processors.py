@@ -35,7 +35,7 @@ from ..semantics import masks
 from ..semantics.frames import IndexEntry, resolve_frame_index
 from ..semantics.plan import EditPlan
 from ..stores import AttentionStore, RecomputeStore
-from . import levels
+from . import levels, temporal
 from .groupnorm import make_groupnorms_clip_wide
 
 _CPU = torch.device("cpu")
@@ -295,7 +295,8 @@ def install(unet, config: VideoAttentionConfig | None = None) -> FateZeroState:
     """Make a stock UNet2DConditionModel FateZero's video model; returns the state to drive it.
 
     Sets the processors (self-attention of blocks narrower than least_sc_channel stays per
-    frame) and makes the ResNet GroupNorms clip-wide.
+    frame), makes the ResNet GroupNorms clip-wide and runs the temporal modules a tuned
+    checkpoint attached (fatezero_fast.unet.temporal) over the clip's frames.
     """
     state = FateZeroState(config or VideoAttentionConfig())
     processors = {}
@@ -311,4 +312,5 @@ def install(unet, config: VideoAttentionConfig | None = None) -> FateZeroState:
             processors[name] = FateZeroCrossAttnProcessor(state, is_mask_layer, name)
     unet.set_attn_processor(processors)
     make_groupnorms_clip_wide(unet, lambda: state.num_frames)
+    temporal.install_hooks(unet, state)
     return state

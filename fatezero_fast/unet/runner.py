@@ -31,6 +31,7 @@ rows (and the keys of its anchor frames) reach the device, unless the store itse
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +41,7 @@ from .chunks import ChunkSchedule, ClipActivation, KVCache, _upcast
 from .groupnorm import ClipGroupNorm, group_norm_affine
 from .processors import ChunkView, FateZeroState, SpatioTemporalAttnProcessor
 from .shard import FrameShard
+from .temporal import reach_of, temporal_attention_rows
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -84,6 +86,9 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
     chunks = ChunkSchedule(num_frames, rows // num_frames, chunk_size, device, offload, encoder_hidden_states,
                            _count_passes(unet) if progress else None, shard)
     runner = LayerMajorUNet(unet, state, chunks)
+    chunks.temporal = getattr(unet, "_fz_temporal", None)  # a tuned checkpoint's temporal hooks
+    if chunks.temporal is not None:
+        chunks.temporal.layer_major = True
     try:
         out = runner.forward(sample.to(device, unet.dtype), timestep, drop_first_branch_at)
         if shard is not None and state is not None:
@@ -92,6 +97,8 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
         return out
     finally:
         chunks.bar.close()
+        if chunks.temporal is not None:
+            chunks.temporal.layer_major, chunks.temporal.halo = False, None
         if state is not None:
             state.chunk = None
 
@@ -201,17 +208,18 @@ class LayerMajorUNet:
             h = resnet.conv1(resample(resnet.nonlinearity(norm1(x))))
             return h if temb is None else h + temb[:, a:e].reshape(h.shape[0], -1, 1, 1)
 
-        hidden = self.chunks.map(inputs, first)
+        # with a temporal conv after conv1/conv2 the chunks are read with a halo that the conv trims
+        hidden = self.chunks.map(inputs, first, reach=reach_of(resnet.conv1))
         norm2 = self.norm(resnet.norm2, [hidden])
 
         def second(a, e, h, *xs):
             h = resnet.conv2(resnet.dropout(resnet.nonlinearity(norm2(h))))
-            x = resample(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))
+            x = resample(self.chunks.trim(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)))
             if resnet.conv_shortcut is not None:
                 x = resnet.conv_shortcut(x)
             return (x + h) / resnet.output_scale_factor
 
-        return self.chunks.map([hidden] + list(inputs), second)
+        return self.chunks.map([hidden] + list(inputs), second, reach=reach_of(resnet.conv2))
 
     def transformer(self, model, x: ClipActivation) -> ClipActivation:
         """Transformer2DModel (continuous input): per-frame norm/projections, attn1 through the K/V cache."""
@@ -253,8 +261,7 @@ class LayerMajorUNet:
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1
 
-            def body(a, e, h, *rest, block=block, cache=caches[i], last=last):
-                h = self._basic_block(block, cache, a, e, h)
+            def tail(a, e, h, *rest, last=last):
                 if not last:
                     return h
                 n = h.shape[0]
@@ -265,6 +272,16 @@ class LayerMajorUNet:
                     h = model.proj_out(h).reshape(n, height, width, -1).permute(0, 3, 1, 2).contiguous()
                 return h + rest[0]
 
+            def body(a, e, h, *rest, block=block, cache=caches[i], temporal=False):
+                h = self._basic_block(block, cache, a, e, h)
+                return h if temporal else tail(a, e, h, *rest)
+
+            if hasattr(block, "_fz_temporal_names"):  # temporal attention couples all frames of each token
+                hidden = self.chunks.map([hidden], functools.partial(body, temporal=True), stats=False)
+                if self.state is not None:
+                    self.state.chunk = None
+                hidden = self.temporal_attention(block, hidden)
+                body = tail
             fn = body if last else with_kv(body, i + 1)
             hidden = self.chunks.map([hidden] + ([x] if last else []), fn, stats=last)
             if not last and caches[i + 1] is not None:
@@ -272,6 +289,23 @@ class LayerMajorUNet:
         if self.state is not None:
             self.state.chunk = None  # drop the last chunk's K/V
         return hidden
+
+    def temporal_attention(self, block, x: ClipActivation) -> ClipActivation:
+        """The block's temporal attention (with residual) over blocks of token positions with all frames.
+
+        A block of n tokens of all F frames is as large as a chunk of c frames of all N tokens when
+        n = c N / F; each token's F x F attention lives only while its block is computed."""
+        data = x.data[:, x.dropped:]  # (F, B, N, C) in storage
+        f, b, n, c = data.shape
+        step = -(-self.chunks.chunk_size * n // f)
+        out = ClipActivation(self.chunks, stats=False)
+        out.data = torch.empty(data.shape, dtype=data.dtype, device=data.device, pin_memory=self.chunks.pin)
+        for t0 in range(0, n, step):
+            rows = data[:, :, t0:t0 + step].to(self.chunks.device, non_blocking=self.chunks.pin)
+            k = rows.shape[2]
+            y = temporal_attention_rows(block, rows.permute(1, 0, 2, 3).reshape(b * f, k, c), f)
+            out.data[:, :, t0:t0 + k].copy_(y.view(b, f, k, c).transpose(0, 1), non_blocking=self.chunks.pin)
+        return out
 
     def _kv_cache(self, attn) -> KVCache | None:
         processor = attn.processor
@@ -292,7 +326,7 @@ class LayerMajorUNet:
         return block.ff(block.norm3(h)) + h
 
     def per_frame(self, module: nn.Module, x: ClipActivation, *args) -> ClipActivation:
-        return self.chunks.map([x], lambda a, e, rows: module(rows, *args))
+        return self.chunks.map([x], lambda a, e, rows: module(rows, *args), reach=reach_of(module))
 
     def down_block(self, block, h: ClipActivation, emb) -> tuple[ClipActivation, list[ClipActivation]]:
         outputs = []
@@ -366,7 +400,7 @@ class LayerMajorUNet:
         # output head, gathered on the device (the output has the latents' few channels)
         norm = self.norm(unet.conv_norm_out, [h]) if unet.conv_norm_out is not None else None
         out, b = None, self.chunks.branches
-        for a, e, (rows,) in self.chunks.each([h]):
+        for a, e, (rows,) in self.chunks.each([h], reach=reach_of(unet.conv_out)):
             if norm is not None:
                 rows = unet.conv_act(norm(rows))
             y = unet.conv_out(rows)
