@@ -118,7 +118,9 @@ def run_child(config: dict, out_path: str) -> int:
 
     def write(status):
         record["status"] = status
-        record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # ru_maxrss misses RSS that was returned with madvise before the kernel's high-water mark saw it
+        record["peak_rss_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                       record.get("rss_after_setup_bytes", 0), _rss_now())
         if cuda:
             record["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             record["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
