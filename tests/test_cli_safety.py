@@ -319,3 +319,10 @@ def test_semantics_doc_has_every_cited_section():
     for area in ("io", "edit", "semantics", "stores"):
         for path in (REPO / "fatezero_fast" / area).rglob("*.py"):
             assert "../shared" not in path.read_text() and "FATEZERO.md" not in path.read_text(), path
+
+
+def test_the_torch_free_choices_are_the_stores_own():
+    from fatezero_fast.edit.choices import STORE_FORMS, STORE_PLACEMENTS
+    from fatezero_fast.stores import FORMS, PLACEMENTS
+
+    assert STORE_FORMS == FORMS and STORE_PLACEMENTS == PLACEMENTS

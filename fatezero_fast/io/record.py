@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -25,7 +26,9 @@ def versions() -> dict[str, str]:
 
 def peak_memory() -> dict[str, int]:
     """Peak host memory of this process (resident set) and peak CUDA memory allocated by torch, in bytes."""
-    peak = {"host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    with open("/proc/self/statm") as f:  # ru_maxrss can miss memory returned early; the current RSS bounds it
+        now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = {"host_bytes": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, now)}  # ru_maxrss: KiB
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda_bytes"] = torch.cuda.max_memory_allocated()
