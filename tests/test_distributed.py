@@ -125,3 +125,17 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
         mp.spawn(_failing_rank, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2, join=True)
     assert time.monotonic() - start < 120  # the other rank was ended, not left waiting
+
+
+def test_a_model_with_temporal_layers_is_not_split(tmp_path):
+    from fatezero_fast.errors import InputError
+    from fatezero_fast.models.tuned import random_tuned_components
+
+    pipe = FateZeroPipeline(**random_tuned_components("fatezero", "tiny"), device="cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(InputError, match="temporal layers couple all frames"):
+            pipe.distribute()
+        assert pipe.shard is None
+    finally:
+        dist.destroy_process_group()
