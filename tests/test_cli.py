@@ -121,9 +121,7 @@ def assert_edit_folder(folder: Path, frames: int, size: int = 64, masks: bool = 
     assert [p.name for p in pngs] == [f"{i:04d}.png" for i in range(frames)]
     with Image.open(pngs[0]) as image:
         assert image.size == (size, size)
-    assert (folder / "masks").is_dir() == masks
-    if masks:
-        assert (folder / "masks" / "self_attention.png").is_file()
+    assert (folder / "masks.png").is_file() == masks  # one picture per edit
 
 
 @pytest.fixture(scope="module", autouse=True)

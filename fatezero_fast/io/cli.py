@@ -254,6 +254,9 @@ def cmd_edit(args) -> None:
     print(record.summary(f"{len(edits)} edit{'s' * (len(edits) > 1)}", out.target))
 
 
+MASK_KINDS = ("self_attention", "latents")  # the order of their rows in masks.png
+
+
 def _write_edits(pipe, inversion, job, args, out: Path, record) -> list[dict]:
     import torch
 
@@ -277,8 +280,8 @@ def _write_edits(pipe, inversion, job, args, out: Path, record) -> list[dict]:
         save_video(result.frames, folder / "edit.gif", fps=args.fps)
         save_frames(result.frames, folder / "frames")
         save_video(side_by_side(source, result.frames), folder / "side_by_side.mp4", fps=args.fps)
-        for name, masks in result.masks.items():
-            save_masks(masks, folder / "masks" / f"{name}.png")
+        if result.masks:  # one picture per edit: the self-attention masks' rows, then the latent masks'
+            save_masks(torch.cat([result.masks[k] for k in MASK_KINDS if k in result.masks]), folder / "masks.png")
         if args.save_latents:
             torch.save(result.latents, folder / "latents.pt")
         print(f"edit {i}: {prompt!r} -> {args.output}/{folder.name}")
