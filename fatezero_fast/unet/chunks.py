@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .processors import SpatioTemporalAttnProcessor
-from .shard import FrameShard, frame_range
+from .shard import FrameShard, frame_range, remote_frames
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -231,15 +231,12 @@ class KVCache:
     def _plan_exchange(self, shard: FrameShard, num_frames: int) -> None:
         """Cache the frames this rank's queries attend to, and the frames it owns that another
         rank's queries attend to; `remote`: every frame some rank needs from another."""
-        ranges = [frame_range(num_frames, r, shard.world) for r in range(shard.world)]
         index = self.processor.kv_frames_index()
-        remote = set()
-        for lo, hi in ranges:
-            remote.update(f for f in index[lo:hi].unique().tolist() if not lo <= f < hi)
-        lo, hi = ranges[shard.rank]
+        remote = remote_frames(index, shard.world)
+        lo, hi = frame_range(num_frames, shard.rank, shard.world)
         mine = set(index[lo:hi].unique().tolist()) | {f for f in remote if lo <= f < hi}
         self.frames = torch.tensor(sorted(mine), dtype=torch.long)
-        self.remote = torch.tensor(sorted(remote), dtype=torch.long)
+        self.remote = torch.tensor(remote, dtype=torch.long)
 
     def share(self) -> None:
         """Sharded: each remote frame's K/V, broadcast from the rank that owns it to the others."""

@@ -30,6 +30,15 @@ def frame_range(num_frames: int, rank: int, world: int) -> tuple[int, int]:
     return rank * num_frames // world, (rank + 1) * num_frames // world
 
 
+def remote_frames(kv_index: torch.Tensor, world: int) -> list[int]:
+    """Sorted frames that some rank's queries attend to but another rank owns: the frames whose
+    K/V cross ranks. kv_index: (F, R) frames each query frame attends to (semantics.frames)."""
+    remote = set()
+    for lo, hi in (frame_range(kv_index.shape[0], r, world) for r in range(world)):
+        remote.update(f for f in kv_index[lo:hi].unique().tolist() if not lo <= f < hi)
+    return sorted(remote)
+
+
 @dataclass
 class FrameShard:
     """A process group, and this rank's place in it."""
@@ -141,10 +150,7 @@ def exchange_bytes(unet, latent_size: tuple[int, int], num_frames: int, world: i
         processor = getattr(getattr(module, "attn1", None), "processor", None)
         if not isinstance(processor, SpatioTemporalAttnProcessor):
             continue
-        index = resolve_frame_index(processor.index_list, num_frames)
-        remote = set()
-        for a, e in ranges:
-            remote.update(f for f in index[a:e].unique().tolist() if not a <= f < e)
+        remote = remote_frames(resolve_frame_index(processor.index_list, num_frames), world)
         owned = sum(1 for f in remote if lo <= f < hi)
         part, i = name.split(".")[:2]
         level = len(level_tokens) - 1 if part == "mid_block" else \
