@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def make_data(work: Path, clips: int, per_clip: int, seed: int):
+def make_data(work: Path, clips: int, per_clip: int, pairs: float, seed: int):
     path = work / "data.pt"
     if path.exists():
         return torch.load(path)
@@ -53,7 +54,12 @@ def make_data(work: Path, clips: int, per_clip: int, seed: int):
     images = np.empty((clips * per_clip, world.SIZE, world.SIZE, 3), np.uint8)
     captions = []
     for i in range(clips):
-        clip = world.make_clip(TRAIN_SEED0 + i, num_frames=8)
+        if rng.random() < pairs:  # two objects: each colour word must go to its own object
+            first, second = world.sample_pair(TRAIN_SEED0 + i)
+            clip = world.render(first, 8, others=(second,))
+            clip.caption = world.pair_caption(first, second)
+        else:
+            clip = world.make_clip(TRAIN_SEED0 + i, num_frames=8)
         for j, f in enumerate(rng.choice(8, per_clip, replace=False)):
             image = clip.frames[f]
             if rng.random() < 0.5:
@@ -317,7 +323,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clips", type=int, default=12000)
     p.add_argument("--frames-per-clip", type=int, default=2)
+    p.add_argument("--pairs", type=float, default=0.5, help="fraction of clips with two objects (sample_pair)")
     p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-from", default=None, help="start from this VAE checkpoint (vae.pt of an earlier run)")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
@@ -342,7 +350,9 @@ def main(argv=None) -> int:
         (work / "args.json").write_text(json.dumps(vars(args), indent=2))
     torch.manual_seed(args.seed)
     parts = build_components(seed=args.seed)
-    data = make_data(work, args.clips, args.frames_per_clip, args.seed)
+    data = make_data(work, args.clips, args.frames_per_clip, args.pairs, args.seed)
+    if args.vae_from and not (work / "vae.pt").exists():
+        shutil.copyfile(args.vae_from, work / "vae.pt")
     if not args.export_only:
         train_vae(work, data, parts, args)
     else:

@@ -33,13 +33,11 @@ CONFIG = {
     "vae": dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(24, 48), layers_per_block=1,
                 norm_num_groups=8, sample_size=FRAME_SIZE),
-    # CLIP's text model with no transformer layers: token + position embeddings and the final LayerNorm.
-    # With layers, CLIP's causal attention gives the padding tokens after <|endoftext|> the whole
-    # caption, the UNet read it there, and its cross-attention maps were flat: the same for every word
-    # (measured, docs/toyworld/MODEL_CARD.md). Per-token embeddings make each word readable only where it applies,
-    # which is the property of SD's cross-attention that FateZero's blend masks rely on.
+    # CLIP's text model with one causal transformer layer: a word's encoding also carries the words
+    # before it ("red car" in "car"), so the UNet can find an object's colour at the object's own
+    # token. Two-object captions in training make it read there (docs/toyworld/MODEL_CARD.md).
     "text": dict(vocab_size=VOCAB_SIZE, max_position_embeddings=77, hidden_act="quick_gelu", hidden_size=64,
-                 intermediate_size=256, num_hidden_layers=0, num_attention_heads=4, projection_dim=64),
+                 intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, projection_dim=64),
 }
 
 

@@ -92,9 +92,18 @@ def caption(scene: Scene) -> str:
     return f"{article} {scene.colour} {scene.kind} {verb} on {where} {light}"
 
 
+def pair_caption(scene: Scene, other: Scene) -> str:
+    """Two objects on one ground, in a random but seeded order, e.g. "a red car and a blue ball on a
+    road under a blue sky" (no verbs: the second object stands still)."""
+    first, second = (scene, other) if scene.texture_seed % 2 else (other, scene)
+    light = "at night" if scene.sky == "night" else f"under {'an' if scene.sky == 'orange' else 'a'} {scene.sky} sky"
+    objects = " and ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.kind}" for o in (first, second))
+    return f"{objects} on {GROUNDS[scene.ground][1]} {light}"
+
+
 def vocabulary() -> list[str]:
     """Every word any caption can use."""
-    words = {"a", "an", "on", "under", "sky", "at", "night", *PALETTE, *KINDS, *VERBS.values(), *SKIES}
+    words = {"a", "an", "and", "on", "under", "sky", "at", "night", *PALETTE, *KINDS, *VERBS.values(), *SKIES}
     for _, phrase in GROUNDS.values():
         words.update(phrase.split())
     return sorted(words - {"night"} | {"night"})
@@ -129,6 +138,28 @@ def sample_scene(seed: int, **fixed) -> Scene:
                   bounces=int(rng.integers(1, 3)), texture_seed=int(rng.integers(2**31)))
     values.update({k: v for k, v in fixed.items() if k not in ("kind", "colour", "ground", "sky", "motion")})
     return Scene(**values)
+
+
+def sample_pair(seed: int) -> tuple[Scene, Scene]:
+    """Two objects of different kinds and colours side by side on one land ground (training data: a
+    caption with two colours makes the model bind each colour word to its own object's pixels,
+    which is what makes its cross-attention maps follow the objects). The second Scene only
+    contributes its object; the first also gives the backdrop and the camera pan."""
+    rng = np.random.default_rng(seed)
+    ground = ("grass", "road", "sand")[rng.integers(3)]
+    kinds = [k for k in KINDS if ground in KIND_GROUNDS[k]]
+    chosen = rng.choice(len(kinds), 2, replace=False)
+    colours = rng.choice(len(PALETTE), 2, replace=False)
+    left = rng.random() < 0.5
+    scenes = []
+    for i in range(2):
+        scene = sample_scene(int(rng.integers(2**31)), kind=kinds[chosen[i]], colour=list(PALETTE)[colours[i]],
+                             ground=ground, motion="pan")
+        side = 0.27 if (i == 0) == left else 0.73
+        scenes.append(scene.with_(x0=float(side + rng.uniform(-0.04, 0.04)), dx=0.0, scale=scene.scale * 0.7))
+    first, second = scenes
+    second = second.with_(sky=first.sky, horizon=first.horizon, pan=first.pan)
+    return first, second
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +275,9 @@ class Clip:
         return torch.from_numpy(self.frames).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def render(scene: Scene, num_frames: int = 8, size: int = SIZE) -> Clip:
-    """Frames, object masks and body masks of a scene: a pure function of its fields."""
+def render(scene: Scene, num_frames: int = 8, size: int = SIZE, others: tuple[Scene, ...] = ()) -> Clip:
+    """Frames, object masks and body masks of a scene: a pure function of its fields. `others` paint
+    more objects over it (sample_pair); the masks and the caption stay the first object's."""
     backdrop = _background(scene, size)
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     masks = np.zeros((num_frames, size, size), bool)
@@ -264,6 +296,9 @@ def render(scene: Scene, num_frames: int = 8, size: int = SIZE) -> Clip:
             masks[f] |= mask
             if i == 0:
                 body[f] = mask
+        for other in others:
+            for mask, rgb in _object(other, size, (other.x0 + other.dx * t) * size, other.base * size):
+                image[mask] = np.asarray(rgb, np.float32) * night
         frames[f] = np.clip(np.round(image), 0, 255).astype(np.uint8)
     return Clip(frames, masks, body, caption(scene), scene)
 
