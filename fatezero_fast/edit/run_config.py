@@ -15,9 +15,9 @@ import torch
 
 from ..errors import InputError
 from ..unet.processors import VideoAttentionConfig
-from .choices import DTYPE_NAMES, LATENTS_PLACEMENTS, STORE_FORMS, STORE_PLACEMENTS
+from .choices import DTYPE_CHOICES, LATENTS_PLACEMENTS, STORE_FORMS, STORE_PLACEMENTS
 
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
+DTYPES = dict(zip(DTYPE_CHOICES, (torch.float32, torch.float16, torch.bfloat16)))
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 

@@ -8,7 +8,7 @@ import argparse
 
 from ..edit.choices import (
     BACKENDS,
-    DTYPE_NAMES,
+    DTYPE_CHOICES,
     LATENTS_PLACEMENTS,
     STORE_FORMS,
     STORE_PLACEMENTS,
@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local diffusers-format Stable Diffusion folder (default: the config's "
                                    "pretrained_model_path, else a built-in random tiny model)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="attention kernel backend (default: auto, the fastest available)")
     p.add_argument("--seed", type=int, default=None, help="seed of the VAE posterior sample (default: 0)")
@@ -71,7 +71,7 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-error", type=float, default=None,
                    help="lowrank: smallest rank with relative error <= this, instead of --store-rank "
                         "(default: unset)")
-    p.add_argument("--latents-dtype", choices=DTYPE_NAMES,
+    p.add_argument("--latents-dtype", choices=DTYPE_CHOICES,
                    help="dtype of the inversion latents kept for the edits; fp16 halves an fp32 model's: "
                         "1.7 GB instead of 3.4 for 1,024 frames at 512x512, 50 steps (default: the model's, exact)")
     p.add_argument("--latents-placement", choices=LATENTS_PLACEMENTS,
