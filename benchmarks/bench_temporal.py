@@ -6,7 +6,11 @@
 2. CPU time of that call, plain vs tuned (same random weights; the temporal output projections
    and LoRA up-convs random too, as after tuning), median of --reps;
 3. peak memory of one UNet call of the tiny tuned model at --frames frames, unchunked vs chunked,
-   each in a child process (peak RSS above the child's RSS after building the model).
+   each in a child process (peak RSS above the child's RSS after building the model);
+4. temporal attention alone (F frames of attention at each of N token positions) at SD-1.4's three
+   attention levels: torch's SDPA (what unet/temporal.py calls) against this project's
+   blended_attention (each token position a "frame" attending to itself, no source) on every backend
+   available on the device, same inputs, outputs checked against SDPA, median of --reps.
 
     python benchmarks/bench_temporal.py --out benchmarks/results/temporal_cpu.json
 """
@@ -97,6 +101,46 @@ def cpu_time(frames: int, size: int, reps: int) -> dict:
     return out
 
 
+# SD-1.4's attention levels at 512x512: (token positions, heads, head dim)
+SD14_LEVELS = ((4096, 8, 40), (1024, 8, 80), (256, 8, 160))
+
+
+def temporal_op_times(frames: list[int], reps: int, device: str = "cpu") -> list[dict]:
+    """Seconds per temporal-attention call, SDPA vs blended_attention's backends, per level and F."""
+    import torch.nn.functional as F
+
+    from fatezero_fast.ops import available_backends, blended_attention
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    backends = [b for b in available_backends(device) if b not in ("sdpa", "reference")]
+    rows = []
+    for f in frames:
+        for tokens, heads, dim in SD14_LEVELS:
+            g = torch.Generator(device).manual_seed(f * tokens)
+            q, k, v = (torch.randn(tokens, heads, f, dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+            own = torch.arange(tokens, device=device)[:, None]  # each position attends to its own frames
+            calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+            calls.update({b: (lambda b=b: blended_attention(q, k, v, kv_frames=own, backend=b)) for b in backends})
+            expected = calls["sdpa"]()
+            row = {"frames": f, "tokens": tokens, "heads": heads, "head_dim": dim}
+            for name, call in calls.items():
+                err = float((call() - expected).abs().max())
+                if err > (1e-4 if dtype == torch.float32 else 2e-2):
+                    raise AssertionError(f"{name} differs from SDPA by {err:.2e} at {row}")
+                times = []
+                for _ in range(reps):
+                    if device != "cpu":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    call()
+                    if device != "cpu":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                row[f"{name}_s"] = statistics.median(times)
+            rows.append(row)
+    return rows
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -130,6 +174,9 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=64, help="frames for the memory comparison")
     p.add_argument("--size", type=int, default=32, help="latent size for the memory comparison")
     p.add_argument("--chunks", default="none,8", help="chunk sizes for the memory comparison (none = unchunked)")
+    p.add_argument("--op-frames", default="8,24", help="clip lengths F for the SDPA vs own-op comparison")
+    p.add_argument("--device", default="cpu", help="device of the SDPA vs own-op comparison")
+    p.add_argument("--only", help="comma-separated sections to run (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--child")
     p.add_argument("--out")
@@ -154,9 +201,17 @@ def main() -> None:
                                         **count_flops(args.flops_frames, args.flops_size)}),
         ("cpu_time_sd14_rank160", lambda: {"frames": args.time_frames, "latent": args.time_size, "reps": args.reps,
                                            **cpu_time(args.time_frames, args.time_size, args.reps)}),
+        ("temporal_attention_op", lambda: {"device": args.device, "reps": args.reps, "rows": temporal_op_times(
+            [int(f) for f in args.op_frames.split(",")], args.reps, args.device)}),
     )
-    for name, run in sections:  # each section is written as soon as it is measured
-        report[name] = run()
+    only = set(args.only.split(",")) if args.only else None
+    if args.out and only and Path(args.out).exists():  # a partial run adds its sections to the earlier ones
+        report = {**json.loads(Path(args.out).read_text()), "device": report["device"], "torch": report["torch"]}
+    for name, run in sections:  # each section is written as soon as it is measured, with its command
+        if only and name not in only:
+            continue
+        report[name] = {"command": "python " + shlex.join(sys.argv),
+                        "date": datetime.datetime.now().isoformat(timespec="seconds"), **run()}
         text = json.dumps(report, indent=2)
         if args.out:
             Path(args.out).write_text(text + "\n")

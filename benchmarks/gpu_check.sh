@@ -8,12 +8,14 @@
 #      materialized attention, two SDPA calls + lerp                              limit  90 s
 #   5. one 8-frame 512x512 fp16 edit on the random SD-1.4-shaped model, unchunked
 #      and chunked: (a) recompute store, (b) qk store                             limit  50 s each
-# The limits add up to 510 s; a step's limit is also cut to what is left of the 540 s. They are
+#   6. temporal attention of tuned checkpoints (F frames at each pixel): SDPA against
+#      the own op's GPU backends, SD-1.4's levels, F = 8 and 24                   limit  30 s
+# The limits add up to 540 s; a step's limit is also cut to what is left of the 540 s. They are
 # estimates until a GPU has run the script: the JSON records each step's time against its limit.
 # Everything lands as JSON (device and versions included) in $OUT when it is set, else in
 # benchmarks/results/: gpu_check.json (the summary: each step's status, time and figures),
 # gpu_check.log, selftest_cuda.json, pytest_gpu.json, attention_cuda_quick.json,
-# pipeline_cuda_e2e_recompute.json, pipeline_cuda_e2e_qk.json.
+# pipeline_cuda_e2e_recompute.json, pipeline_cuda_e2e_qk.json, temporal_cuda.json.
 #
 #   bash benchmarks/gpu_check.sh               # on the GPU machine (see benchmarks/README.md, "GPU check")
 #   bash benchmarks/gpu_check.sh --rehearsal   # the same steps on the CPU, tiny shapes, *_rehearsal files
@@ -105,6 +107,15 @@ for store in recompute qk; do
       --out "$RES/pipeline_cuda_e2e_$store.json"
   fi
 done
+
+# 6. temporal attention: SDPA (what unet/temporal.py calls) against the project's own op
+if [ $REHEARSAL = 1 ]; then
+  step temporal 30 "$PY" benchmarks/bench_temporal.py --only temporal_attention_op --device cpu --op-frames 8 \
+    --reps 1 --out "$RES/temporal_cpu$SUFFIX.json"
+else
+  step temporal 30 "$PY" benchmarks/bench_temporal.py --only temporal_attention_op --device cuda --op-frames 8,24 \
+    --reps 5 --out "$RES/temporal_cuda.json"
+fi
 
 "$PY" benchmarks/gpu_check_summary.py --steps "$STEPS" --results "$RES" --device "$DEV" --suffix "$SUFFIX" \
   --start "$START" 2>&1 | tee -a "$LOG"

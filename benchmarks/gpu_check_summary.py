@@ -120,7 +120,8 @@ def main(argv=None):
                           "command": command})
     files = {"selftest": f"selftest_{dev}{sfx}.json", "pytest": f"pytest_gpu{sfx}.json",
              "attention": f"attention_{dev}_quick{sfx}.json",
-             "e2e-recompute": f"pipeline_{dev}_e2e_recompute{sfx}.json", "e2e-qk": f"pipeline_{dev}_e2e_qk{sfx}.json"}
+             "e2e-recompute": f"pipeline_{dev}_e2e_recompute{sfx}.json", "e2e-qk": f"pipeline_{dev}_e2e_qk{sfx}.json",
+             "temporal": f"temporal_{dev}{sfx}.json"}
     result = {
         "what": "benchmarks/gpu_check.sh" + (" --rehearsal" if sfx else ""),
         "total_s": round(time.time() - args.start, 1) if args.start else None,
@@ -132,6 +133,7 @@ def main(argv=None):
         "pytest": _pytest(_load(os.path.join(res, files["pytest"]))),
         "attention": _attention(_load(os.path.join(res, files["attention"]))),
         "e2e": {store: _pipeline(_load(os.path.join(res, files[f"e2e-{store}"]))) for store in ("recompute", "qk")},
+        "temporal_attention": (_load(os.path.join(res, files["temporal"])) or {}).get("temporal_attention_op"),
     }
     out = os.path.join(res, f"gpu_check{sfx}.json")
     with open(out, "w") as f:

@@ -19,7 +19,7 @@ def test_gpu_check_rehearsal_runs_every_step_and_writes_json(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_check_rehearsal.json").read_text())
     assert [s["step"] for s in result["steps"]] == ["build", "selftest", "pytest", "attention", "e2e-recompute",
-                                                    "e2e-qk"]
+                                                    "e2e-qk", "temporal"]
     assert all(s["status"] == "ok" and 0 < s["seconds"] <= s["limit_s"] for s in result["steps"]), result["steps"]
     assert result["environment"]["torch"] and result["environment"]["device"] == "cpu"
     assert result["selftest"]["failed"] == 0 and result["selftest"]["passed"] >= 100
@@ -31,6 +31,8 @@ def test_gpu_check_rehearsal_runs_every_step_and_writes_json(tmp_path):
         records = result["e2e"][store]
         assert [r["chunk_size"] for r in records] == [None, 1] and all(r["status"] == "ok" for r in records)
         assert all(r["store"] == store and r["peak_rss_bytes"] > 0 and r["seconds"]["edit"] > 0 for r in records)
+    rows = result["temporal_attention"]["rows"]
+    assert [r["frames"] for r in rows] == [8] * 3 and all(r["sdpa_s"] > 0 and r["cpu_s"] > 0 for r in rows)
     # what the device tool brings back from $OUT: at most 8 plain files, simple names
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
