@@ -8,6 +8,8 @@ normalised separately.
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,3 +70,43 @@ def group_norm_affine(count: int, mean: torch.Tensor, m2: torch.Tensor, gn: nn.G
         scale = scale * gn.weight.double()
         shift = shift * gn.weight.double() + gn.bias.double()
     return scale, shift
+
+
+def chunk_norm(module: nn.Module, inputs: Sequence, chunks) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function a chunked run (unet/runner.py) applies to each chunk for a ResNet/output norm.
+
+    inputs: the ClipActivations the norm reads (their channels concatenated); chunks: the call's
+    ChunkSchedule. A ClipGroupNorm normalises every chunk with the statistics of the whole clip
+    (all ranks' frames when sharded); a plain GroupNorm is per frame and runs as it is."""
+    if isinstance(module, ClipGroupNorm):
+        if module.frames() != chunks.num_frames:
+            raise ValueError(f"the clip-wide GroupNorm counts {module.frames()} frames per clip, the call "
+                             f"has {chunks.num_frames}: call state.begin_call first")
+        if len(chunks.bounds) == 1 and chunks.shard is None:  # the whole clip in one chunk
+            return module
+        if chunks.num_frames > 1:
+            return _clip_affine(module.norm, inputs, chunks.device)
+        module = module.norm
+    if isinstance(module, nn.GroupNorm):
+        return module
+    raise NotImplementedError(f"chunked execution does not support the norm {type(module).__name__}")
+
+
+def _clip_affine(gn: nn.GroupNorm, inputs: Sequence, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GroupNorm of a chunk as the affine map group_norm_affine derives from the clip's statistics."""
+    stats = [x.channel_stats() for x in inputs]
+    count = stats[0][0]
+    mean = torch.cat([s[1] for s in stats], dim=1)  # (B, C) per channel, float64
+    m2 = torch.cat([s[2] for s in stats], dim=1)
+    scale, shift = group_norm_affine(count, mean, m2, gn)
+    b, c = mean.shape
+    dtype = torch.promote_types(gn.weight.dtype if gn.weight is not None else torch.float32, torch.float32)
+    scale, shift = scale.to(device, dtype), shift.to(device, dtype)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, n // b, c, -1)  # fp16/bf16 in fp32
+        y = torch.addcmul(shift[:, None, :, None], y, scale[:, None, :, None])
+        return y.reshape(x.shape).to(x.dtype)
+
+    return apply

@@ -37,8 +37,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .chunks import ChunkSchedule, ClipActivation, KVCache, _upcast
-from .groupnorm import ClipGroupNorm, group_norm_affine
+from .chunks import ChunkSchedule, ClipActivation, KVCache
+from .groupnorm import chunk_norm
 from .processors import ChunkView, FateZeroState, SpatioTemporalAttnProcessor
 from .shard import FrameShard
 from .temporal import reach_of, temporal_attention_rows
@@ -152,39 +152,8 @@ class LayerMajorUNet:
         if self.state is not None:
             self.state.chunk = ChunkView(a, e, **kwargs)
 
-    # -- normalisation ----------------------------------------------------------------------------
     def norm(self, module: nn.Module, inputs: Sequence[ClipActivation]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The chunk function of a ResNet/output norm: clip-wide (ClipGroupNorm) or per frame."""
-        if isinstance(module, ClipGroupNorm):
-            if module.frames() != self.chunks.num_frames:
-                raise ValueError(f"the clip-wide GroupNorm counts {module.frames()} frames per clip, the call "
-                                 f"has {self.chunks.num_frames}: call state.begin_call first")
-            if len(self.chunks.bounds) == 1 and self.chunks.shard is None:  # the whole clip in one chunk
-                return module
-            if self.chunks.num_frames > 1:
-                return self._clip_group_norm(module.norm, inputs)
-            module = module.norm
-        if isinstance(module, nn.GroupNorm):
-            return module
-        raise NotImplementedError(f"chunked execution does not support the norm {type(module).__name__}")
-
-    def _clip_group_norm(self, gn: nn.GroupNorm, inputs: Sequence[ClipActivation]):
-        stats = [x.channel_stats() for x in inputs]
-        count = stats[0][0]
-        mean = torch.cat([s[1] for s in stats], dim=1)  # (B, C) per channel, float64
-        m2 = torch.cat([s[2] for s in stats], dim=1)
-        scale, shift = group_norm_affine(count, mean, m2, gn)
-        b, c = mean.shape
-        dtype = torch.promote_types(gn.weight.dtype if gn.weight is not None else torch.float32, torch.float32)
-        scale, shift = scale.to(self.chunks.device, dtype), shift.to(self.chunks.device, dtype)
-
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            n = x.shape[0]
-            y = _upcast(x).reshape(b, n // b, c, -1)
-            y = torch.addcmul(shift[:, None, :, None], y, scale[:, None, :, None])
-            return y.reshape(x.shape).to(x.dtype)
-
-        return apply
+        return chunk_norm(module, inputs, self.chunks)
 
     # -- blocks -----------------------------------------------------------------------------------
     def resnet(self, resnet, inputs: Sequence[ClipActivation], emb: torch.Tensor | None) -> ClipActivation:
