@@ -10,7 +10,10 @@ the clip is the package's procedural sample clip, and frames, size and steps are
 runs in fresh processes (official, patched; --variants adds official-1thread, the official code's
 own rounding floor), and the script prints and writes JSON with the max abs difference of the
 inverted and final edited latents (each edit prompt) against the first variant, peak host RSS,
-times and the bytes the attention stores hold.
+times and the bytes the attention stores hold. The `tuned` case runs a FateZero-tuned checkpoint
+that the official code builds and saves (random temporal weights, see build_tuned_model). The
+`cli` variant runs this project's own `fatezero-fast edit --config` on the same shrunk config with
+--cli-python (a venv with current diffusers), and compares its final edited latents.
 
 It needs an environment where the official code runs: diffusers 0.11.1, transformers 4.25.1,
 accelerate 0.15.0, einops, omegaconf, click, imageio(-ffmpeg), opencv (see the shared notes on
@@ -20,7 +23,7 @@ editing the checkout: torch.cuda.get_device_name (called while building blocks),
 (calls .cuda()), a torchvision stand-in when torchvision cannot be imported (only its
 utils.save_image and transforms.ToPILImage are used, to write debug images), re-seeding before
 the random temporal layers are drawn and before inversion, and zeroed temporal-attention output
-biases (random in the official model with plain SD weights).
+biases (random in the official model with plain SD weights; a tuned checkpoint keeps its own).
 """
 from __future__ import annotations
 
@@ -430,6 +433,22 @@ def run_case(name: str, case: dict, args, src: Path, work: Path) -> dict:
     return out
 
 
+def environment(argv: list[str]) -> dict:
+    """Where and with what the official runs ran, and the command that ran them."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"device": device, "load_average": [round(x, 2) for x in os.getloadavg()], "official_versions": versions,
+            "command": " ".join(["python", "benchmarks/compare_official.py", *argv])}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", default=os.environ.get("FATEZERO_SRC"), help="official checkout (FATEZERO_SRC)")
@@ -498,7 +517,8 @@ def main(argv=None) -> int:
                   f"official store {r.get('official_store_bytes', 0) / 2**20:.1f} MiB"
                   + (f", side store {r['side_store_bytes'] / 2**20:.1f} MiB" if 'side_store_bytes' in r else ""),
                   flush=True)
-    text = json.dumps({"workdir": str(work), "results": results}, indent=2)
+    text = json.dumps({**environment(sys.argv[1:] if argv is None else argv), "workdir": str(work),
+                       "results": results}, indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
