@@ -10,7 +10,10 @@ the clip is the package's procedural sample clip, and frames, size and steps are
 runs in fresh processes (official, patched; --variants adds official-1thread, the official code's
 own rounding floor), and the script prints and writes JSON with the max abs difference of the
 inverted and final edited latents (each edit prompt) against the first variant, peak host RSS,
-times and the bytes the attention stores hold.
+times and the bytes the attention stores hold. The `tuned` case runs a FateZero-tuned checkpoint
+that the official code builds and saves (random temporal weights, see build_tuned_model). The
+`cli` variant runs this project's own `fatezero-fast edit --config` on the same shrunk config with
+--cli-python (a venv with current diffusers), and compares its final edited latents.
 
 It needs an environment where the official code runs: diffusers 0.11.1, transformers 4.25.1,
 accelerate 0.15.0, einops, omegaconf, click, imageio(-ffmpeg), opencv (see the shared notes on
@@ -20,7 +23,7 @@ editing the checkout: torch.cuda.get_device_name (called while building blocks),
 (calls .cuda()), a torchvision stand-in when torchvision cannot be imported (only its
 utils.save_image and transforms.ToPILImage are used, to write debug images), re-seeding before
 the random temporal layers are drawn and before inversion, and zeroed temporal-attention output
-biases (random in the official model with plain SD weights).
+biases (random in the official model with plain SD weights; a tuned checkpoint keeps its own).
 """
 from __future__ import annotations
 
@@ -49,6 +52,13 @@ CASES = {
                   blend_th=0.8, about="replace + blend words + blend_self_attention + blend_latents"),
     "posche": dict(config="config/teaser/jeep_posche.yaml", frames=3, size=512, heads=1, blend_th=0.8,
                    about="refine + eq + blend words, then replace + blend words"),
+    # a FateZero-tuned checkpoint (built by the official code, random temporal weights); no attention at the
+    # largest level, so the blend layers are one resolution at 256 px; LoRA rank 48: the 32-channel layers
+    # get 16 (the official rank clamp), the 64-channel ones 48
+    "tuned": dict(config="config/teaser/jeep_posche.yaml", frames=3, size=256, heads=2, blend_th=0.8,
+                  tuned=True, lora=48, top_attention=False,
+                  about="tuned checkpoint (LoRA temporal convs, temporal attention): refine + eq + blend, "
+                        "replace + blend"),
 }
 # blend_th: the random text encoder's cross maps are flat: at the configs' 0.3 every blend mask is all
 # ones (edit everywhere, the source unused); at 0.8 about 70% of the rows edit, 30% keep the source.
@@ -114,6 +124,36 @@ def build_model(folder: Path, kind: str = "tiny", heads: int = 2, seed: int = 0,
     return folder
 
 
+def build_tuned_model(folder: Path, base: Path, src: Path, model_config: dict, seed: int = 0) -> Path:
+    """A random FateZero-tuned pipeline folder, made by the official code as its training saves one.
+
+    The official UNetPseudo3DConditionModel is built from the SD folder `base` (from_2d_model with the
+    run's model_config), every temporal weight gets random values that change the output clearly
+    (fatezero_fast.models.tuned.randomize_temporal: the zero-initialised LoRA up weights and temporal
+    attention outputs too), and the official pipeline class saves it with save_pretrained."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from fatezero_fast.models.tuned import randomize_temporal
+
+    _official_setup(src)
+    from video_diffusion.models.unet_3d_condition import UNetPseudo3DConditionModel
+    from video_diffusion.pipelines.stable_diffusion import (
+        SpatioTemporalStableDiffusionPipeline,
+    )
+
+    torch.manual_seed(seed)
+    unet = UNetPseudo3DConditionModel.from_2d_model(str(base / "unet"), model_config=dict(model_config))
+    randomize_temporal(unet, seed + 1)
+    pipe = SpatioTemporalStableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(str(base / "vae")), unet=unet,
+        text_encoder=CLIPTextModel.from_pretrained(str(base / "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(str(base / "tokenizer")),
+        scheduler=DDIMScheduler.from_pretrained(str(base / "scheduler")))
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def make_frames(folder: Path, frames: int, size: int) -> Path:
     from fatezero_fast.io.video import make_sample_clip, save_frames
 
@@ -134,6 +174,8 @@ def write_config(src: Path, case: dict, model: Path, frames_dir: Path, logdir: P
     cfg.dataset_config.n_sample_frame = case["frames"]
     cfg.dataset_config.image_size = case["size"]
     cfg.editing_config.num_inference_steps = steps
+    if case.get("lora") is not None:
+        cfg.model_config.lora = case["lora"]
     if case.get("blend_th") is not None:
         for entry in (cfg.editing_config.get("p2p_config") or {}).values():
             if "blend_th" in entry:
@@ -188,18 +230,30 @@ def _tensor_bytes(value) -> int:
     return 0
 
 
-def run_once(src: Path, config: Path, variant: str, store: str, seed: int, result: Path, threads: int | None = None
-             ) -> None:
-    """Run test_fatezero's `run --config` in this process; write latents and numbers to `result`."""
-    if threads:
-        torch.set_num_threads(threads)
+def _official_setup(src: Path) -> None:
+    """The CPU stand-ins the official code needs, and its checkout on sys.path."""
     try:
         import torchvision  # noqa: F401
     except Exception:  # not installed, or a build for another torch
         _torchvision_stand_in()
     if not torch.cuda.is_available():
         torch.cuda.get_device_name = lambda *args, **kwargs: "cpu"
-    sys.path.insert(0, str(src))
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+
+
+def _is_2d(model_path) -> bool:
+    """Whether a UNet folder holds plain SD weights (the official model's temporal layers are then random)."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return config.get("_class_name") == "UNet2DConditionModel"
+
+
+def run_once(src: Path, config: Path, variant: str, store: str, seed: int, result: Path, threads: int | None = None
+             ) -> None:
+    """Run test_fatezero's `run --config` in this process; write latents and numbers to `result`."""
+    if threads:
+        torch.set_num_threads(threads)
+    _official_setup(src)
     import test_fatezero
     from video_diffusion.models.unet_3d_condition import UNetPseudo3DConditionModel
     from video_diffusion.pipelines.p2p_ddim_spatial_temporal import (
@@ -211,9 +265,11 @@ def run_once(src: Path, config: Path, variant: str, store: str, seed: int, resul
         torch.set_num_threads(1)
     from_2d = UNetPseudo3DConditionModel.from_2d_model.__func__
 
-    def from_2d_model(cls, *args, **kwargs):
+    def from_2d_model(cls, model_path, *args, **kwargs):
         torch.manual_seed(seed)
-        model = from_2d(cls, *args, **kwargs)
+        model = from_2d(cls, model_path, *args, **kwargs)
+        if not _is_2d(model_path):  # a tuned checkpoint: its temporal weights are its own
+            return model
         for name, module in model.named_modules():
             if name.endswith("attn_temporal") and module.to_out[0].bias is not None:
                 torch.nn.init.zeros_(module.to_out[0].bias)
@@ -286,48 +342,111 @@ def compare(official: list, patched: list) -> list[dict]:
     return rows
 
 
-def run_case(name: str, case: dict, args, src: Path, work: Path) -> dict:
-    model = work / f"model-{args.model}-h{case['heads']}"
+def case_model(case: dict, args, src: Path, work: Path) -> Path:
+    """The case's model folder (built once per workdir): plain SD, or FateZero-tuned when case["tuned"]."""
+    top = case.get("top_attention", True)
+    model = work / f"model-{args.model}-h{case['heads']}{'' if top else '-notop'}"
     if not (model / "unet" / "config.json").exists():
-        build_model(model, args.model, case["heads"])
+        build_model(model, args.model, case["heads"], top_attention=top)
+    if not case.get("tuned"):
+        return model
+    tuned = work / f"{model.name}-tuned-lora{case['lora']}"
+    if not (tuned / "unet" / "config.json").exists():
+        build_tuned_model(tuned, model, src, {"lora": case["lora"]}, args.seed)
+    return tuned
+
+
+def _child(cmd: list, run_dir: Path, what: str, timeout: float, pythonpath: bool = True) -> None:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, check=False, cwd=run_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    (run_dir / "output.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); last output:\n" + (proc.stdout + proc.stderr)[-4000:])
+
+
+def run_official(variant: str, config: Path, run_dir: Path, args, src: Path) -> tuple[dict, dict]:
+    """One run of the official code (patched or not) in a child process: (record, latents)."""
+    result = run_dir / "result.json"
+    cmd = [sys.executable, os.path.abspath(__file__), "--_run", variant, "--_config", str(config),
+           "--_result", str(result), "--src", str(src), "--store", args.store, "--seed", str(args.seed)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    _child(cmd, run_dir, f"{run_dir.name}", args.timeout)
+    return json.loads(result.read_text()), torch.load(str(result) + ".latents.pt")
+
+
+def run_cli(config: Path, run_dir: Path, args) -> tuple[dict, dict]:
+    """This project's own CLI on the same official config, with --cli-python: (record, latents).
+
+    Its final latents (F, 4, h, w) per edit are put in the official layout (1, 4, F, h, w); it keeps
+    no inverted latents, so only the edits are compared."""
+    out = run_dir / "out"
+    cmd = [args.cli_python, "-m", "fatezero_fast", "edit", "--config", str(config), "--save-latents",
+           "--seed", str(args.seed), "--overwrite", "-o", str(out)]
+    _child(cmd, run_dir, f"{run_dir.name}", args.timeout)
+    run = json.loads((out / "run.json").read_text())
+    final = [torch.load(f, map_location="cpu").float().permute(1, 0, 2, 3)[None]
+             for f in sorted(out.glob("edit_*/latents.pt"))]
+    seconds = run["seconds"]
+    record = {"variant": "cli", "versions": run["versions"], "wall_s": run["total_seconds"],
+              "inversion_s": seconds.get("invert", 0),
+              "edits_s": [v for k, v in sorted(seconds.items()) if k.startswith("edit_")],
+              "peak_rss_mb": run["peak_memory"]["host_bytes"] / 2**20}
+    return record, {"final": final, "inverted": []}
+
+
+def run_case(name: str, case: dict, args, src: Path, work: Path) -> dict:
+    model = case_model(case, args, src, work)
     frames = work / f"frames-{case['frames']}-{case['size']}"
     if not frames.exists():
         make_frames(frames, case["frames"], case["size"])
     out = {"case": name, "about": case["about"], "config": case["config"], "frames": case["frames"],
            "size": case["size"], "heads": case["heads"], "blend_th": case.get("blend_th"), "steps": args.steps,
-           "model": args.model, "precision": args.precision, "store": args.store,
-           "threads": args.threads or torch.get_num_threads()}
+           "model": args.model, "tuned_lora": case.get("lora") if case.get("tuned") else None,
+           "precision": args.precision, "store": args.store, "threads": args.threads or torch.get_num_threads()}
     latents = {}
     for variant in args.variants:
         run_dir = work / f"{name}-{variant}"
         run_dir.mkdir(parents=True, exist_ok=True)
         config = write_config(src, case, model, frames, run_dir / "log", args.steps, args.precision, args.model,
                               run_dir / "config.yaml")
-        result = run_dir / "result.json"
-        cmd = [sys.executable, os.path.abspath(__file__), "--_run", variant, "--_config", str(config),
-               "--_result", str(result), "--src", str(src), "--store", args.store, "--seed", str(args.seed)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=args.timeout)
-        (run_dir / "output.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name}/{variant} failed (exit {proc.returncode}); last output:\n"
-                               + (proc.stdout + proc.stderr)[-4000:])
-        record = json.loads(result.read_text())
+        if variant == "cli":
+            record, latents[variant] = run_cli(config, run_dir, args)
+        else:
+            record, latents[variant] = run_official(variant, config, run_dir, args, src)
         record["process_s"] = time.perf_counter() - start
         out[variant] = record
-        latents[variant] = torch.load(str(result) + ".latents.pt")
     reference, *others = args.variants
     out["variants"] = list(args.variants)
     out["compared"] = {}
     for other in others:
         out["compared"][other] = {"inversion": compare(latents[reference]["inverted"], latents[other]["inverted"]),
                                   "edits": compare(latents[reference]["final"], latents[other]["final"])}
+        if len(latents[reference]["final"]) != len(latents[other]["final"]):
+            raise RuntimeError(f"{name}: {reference} made {len(latents[reference]['final'])} edits, "
+                               f"{other} {len(latents[other]['final'])}")
     first = out["compared"][others[0]]
     out["inversion"], out["edits"] = first["inversion"], first["edits"]  # reference vs the second variant
     return out
+
+
+def environment(argv: list[str]) -> dict:
+    """Where and with what the official runs ran, and the command that ran them."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"device": device, "load_average": [round(x, 2) for x in os.getloadavg()], "official_versions": versions,
+            "command": " ".join(["python", "benchmarks/compare_official.py", *argv])}
 
 
 def main(argv=None) -> int:
@@ -350,7 +469,11 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="official,patched",
                         help="runs compared with the first: official, patched, or either with -1thread (one torch "
                              "thread: the same sums in another order; official,patched,official-1thread also "
-                             "measures the rounding floor of the official code itself)")
+                             "measures the rounding floor of the official code itself), or cli (this project's "
+                             "`fatezero-fast edit --config` on the same config, run by --cli-python)")
+    parser.add_argument("--cli-python", default=os.environ.get("FATEZERO_FAST_PYTHON", sys.executable),
+                        help="the Python (with this package and its dependencies) that runs the cli variant "
+                             "(default: FATEZERO_FAST_PYTHON, else this one)")
     parser.add_argument("--_run", help=argparse.SUPPRESS)
     parser.add_argument("--_config", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
@@ -359,11 +482,11 @@ def main(argv=None) -> int:
         parser.error("name the official FateZero checkout with --src or FATEZERO_SRC")
     src = Path(args.src).resolve()
     args.variants = [v.strip() for v in args.variants.split(",")]
-    allowed = ("official", "patched", "official-1thread", "patched-1thread")
+    allowed = ("official", "patched", "official-1thread", "patched-1thread", "cli")
     if len(args.variants) < 2 or len(set(args.variants)) != len(args.variants) or \
-            any(v not in allowed for v in args.variants):
+            any(v not in allowed for v in args.variants) or args.variants[0] == "cli":
         parser.error("--variants: two or more different names of official, patched, official-1thread, "
-                     "patched-1thread")
+                     "patched-1thread, cli (cli not first: it keeps no inverted latents)")
     if args._run:
         run_once(src, Path(args._config), args._run, args.store, args.seed, Path(args._result), args.threads)
         return 0
@@ -394,7 +517,8 @@ def main(argv=None) -> int:
                   f"official store {r.get('official_store_bytes', 0) / 2**20:.1f} MiB"
                   + (f", side store {r['side_store_bytes'] / 2**20:.1f} MiB" if 'side_store_bytes' in r else ""),
                   flush=True)
-    text = json.dumps({"workdir": str(work), "results": results}, indent=2)
+    text = json.dumps({**environment(sys.argv[1:] if argv is None else argv), "workdir": str(work),
+                       "results": results}, indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

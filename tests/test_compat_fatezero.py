@@ -1,10 +1,11 @@
 """fatezero_fast.compat.fatezero: the official FateZero code with the fused attention.
 
 The tests that run the official code skip unless FATEZERO_SRC points at a checkout of it (never
-part of this project) and this Python can import its dependencies (diffusers 0.11.x,
-transformers, accelerate, einops, omegaconf, click, opencv, imageio). They run it in child
-processes, so the stand-in modules other tests install (test_official_semantics.py) cannot mix
-with it:
+part of this project) and FATEZERO_PYTHON (default: this Python) can import its dependencies
+(diffusers 0.11.x, transformers, accelerate, einops, omegaconf, click, opencv, imageio; pytest for
+the layer-level check) and this package. They run it in child processes with that Python, so the
+stand-in modules other tests install (test_official_semantics.py) cannot mix with it, and the
+official stack can live in its own venv:
 
 - layer level (this file run as a script): two copies of the same tiny official UNet driven by
   official controllers, one registered by the official register_attention_control, one patched,
@@ -18,7 +19,11 @@ with it:
   official teaser configs, shrunk; final edited latents compared. Free-running fp32 edits amplify
   rounding (classifier-free guidance, DDIM at high noise): the official code run on one thread
   instead of two differs from itself by 1.5e-5 to 4e-5 relative after 5-10 steps here, so the
-  patched run must be within max(1e-5, 2 x that floor), measured in the same test.
+  patched run must be within max(1e-5, 2 x that floor), measured in the same test. The `tuned`
+  case runs a FateZero-tuned checkpoint (built and saved by the official code, random temporal
+  weights: LoRA temporal convs, temporal attention).
+- this project's own CLI (`fatezero-fast edit --config`, run by this Python) on the same shrunk
+  official configs, plain SD and tuned: final edited latents within 1e-3 of the official ones.
 
 Relative error: max |a - b| / max |a|.
 """
@@ -40,8 +45,10 @@ from fatezero_fast.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = os.environ.get("FATEZERO_SRC")
+OFFICIAL_PYTHON = os.environ.get("FATEZERO_PYTHON") or sys.executable
 TOLERANCE = 1e-5
-PROBE = ("import diffusers, transformers, accelerate, einops, omegaconf, click, cv2, imageio; "
+CLI_TOLERANCE = 1e-3  # our own pipeline, free-running from the clip: another order of every sum
+PROBE = ("import diffusers, transformers, accelerate, einops, omegaconf, click, cv2, imageio, fatezero_fast; "
          "assert diffusers.__version__.startswith('0.11'), 'diffusers ' + diffusers.__version__")
 
 
@@ -51,10 +58,10 @@ def _why_official_cannot_run() -> str | None:
         return "set FATEZERO_SRC to an official FateZero checkout"
     if not (Path(SRC) / "test_fatezero.py").is_file():
         return f"FATEZERO_SRC={SRC} is not a FateZero checkout"
-    probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    probe = subprocess.run([OFFICIAL_PYTHON, "-c", PROBE], capture_output=True, text=True, env=_child_env())
     if probe.returncode:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return f"the official code's dependencies are not importable here ({last})"
+        return f"the official code's dependencies are not importable by {OFFICIAL_PYTHON} ({last})"
     return None
 
 
@@ -107,7 +114,7 @@ def test_layers_match_the_official_code(mode, tmp_path):
     code's own rounding floor, see benchmarks/compare_official.py)."""
     _needs_official()
     out = tmp_path / "layers.json"
-    proc = subprocess.run([sys.executable, __file__, "layers", mode, str(out), SRC], capture_output=True,
+    proc = subprocess.run([OFFICIAL_PYTHON, __file__, "layers", mode, str(out), SRC], capture_output=True,
                           text=True, env=_child_env(), cwd=tmp_path, timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(out.read_text())
@@ -131,23 +138,89 @@ def test_layers_match_the_official_code(mode, tmp_path):
     assert report["side_store_bytes"] > 0
 
 
+# ---------------------------------------------------------------- a tuned checkpoint, one UNet call
+
+TUNED_LORA = 48  # the tiny model's 32-channel layers get 16 (the official clamp), the 64-channel ones 48
+
+
+def _official_tuned_call(src: str, work: str) -> None:
+    """Run in a child process (the official stack): a random FateZero-tuned checkpoint, saved by the
+    official code, and its official UNetPseudo3DConditionModel's output on fixed float64 inputs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compare_official
+
+    work = Path(work)
+    base = compare_official.build_model(work / "base", "tiny", heads=2, top_attention=False)
+    folder = compare_official.build_tuned_model(work / "tuned", base, Path(src), {"lora": TUNED_LORA})
+    from video_diffusion.models.unet_3d_condition import UNetPseudo3DConditionModel
+
+    unet = UNetPseudo3DConditionModel.from_2d_model(str(folder / "unet"), model_config={"lora": TUNED_LORA})
+    unet = unet.eval().double()
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, 3, 16, 16, generator=g, dtype=torch.float64)
+    ctx = torch.randn(2, 77, 32, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = unet(sample, 601, encoder_hidden_states=ctx).sample
+        for name, p in unet.named_parameters():  # the same model with identities for its temporal layers
+            if ".attn_temporal.to_out." in name or name.endswith("conv_temporal.up.weight"):
+                torch.nn.init.zeros_(p)
+        plain = unet(sample, 601, encoder_hidden_states=ctx).sample
+    torch.save({"sample": sample, "ctx": ctx, "out": out, "plain": plain}, work / "official_call.pt")
+
+
+def test_tuned_checkpoint_unet_equals_the_official_one(tmp_path):
+    """A checkpoint saved by the official code, loaded here (stock UNet + temporal hooks): one UNet
+    call equals the official UNetPseudo3DConditionModel's to 1e-12 in float64, and its temporal
+    layers change the output clearly."""
+    _needs_official()
+    from fatezero_fast.models.loading import load_unet
+    from fatezero_fast.unet.processors import VideoAttentionConfig, install
+
+    proc = subprocess.run([OFFICIAL_PYTHON, __file__, "tuned-call", SRC, str(tmp_path)], check=False,
+                          capture_output=True, text=True, env=_child_env(), cwd=tmp_path, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    official = torch.load(tmp_path / "official_call.pt")
+    sample, ctx = official["sample"], official["ctx"]
+    unet, fmt = load_unet(tmp_path / "tuned", lora=TUNED_LORA)
+    assert fmt.kind == "fatezero" and fmt.temporal.conv == "lora" and fmt.temporal.rank == TUNED_LORA
+    unet = unet.double()
+    state = install(unet, VideoAttentionConfig(sparse_causal_index=[-1, "first"], backend="reference"))
+    b, c, f, h, w = sample.shape
+    state.begin_call("plain", f, (h, w))
+    with torch.no_grad():
+        out = unet(sample.transpose(1, 2).reshape(b * f, c, h, w), 601,
+                   encoder_hidden_states=ctx.repeat_interleave(f, 0)).sample
+    out = out.reshape(b, f, c, h, w).transpose(1, 2)
+    assert _rel(official["out"], out) <= 1e-12
+    assert _rel(official["out"], official["plain"]) > 0.1  # the temporal weights matter
+
+
 # ---------------------------------------------------------------- pipeline level (child processes)
 
-@pytest.mark.parametrize("case", ["style", "shape"])
+def _compare_official(case: str, variants: str, tmp_path, *extra: str) -> dict:
+    """benchmarks/compare_official.py on one case (official code by FATEZERO_PYTHON, cli by this Python)."""
+    out = tmp_path / "compare.json"
+    cmd = [OFFICIAL_PYTHON, str(REPO / "benchmarks" / "compare_official.py"), "--src", SRC, "--cases", case,
+           "--steps", os.environ.get("FATEZERO_COMPAT_STEPS", "5"), "--workdir", str(tmp_path / "work"),
+           "--variants", variants, "--cli-python", sys.executable, "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=3600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text())["results"][0]
+
+
+EDIT_COUNTS = {"style": 2, "shape": 1, "tuned": 2}
+
+
+@pytest.mark.parametrize("case", ["style", "shape", "tuned"])
 def test_official_pipeline_gives_the_same_edits(case, tmp_path):
     """test_fatezero.py's own entry point, official vs patched, and official on one thread: the
     official code's own rounding floor (fp32 edits amplify rounding: classifier-free guidance and
-    DDIM at high noise levels). Patched must be within max(1e-5, 2 x that floor)."""
+    DDIM at high noise levels). Patched must be within max(1e-5, 2 x that floor). The other runs use
+    two threads whatever OMP_NUM_THREADS says (on one thread both runs would sum in the same order)."""
     _needs_official()
-    out = tmp_path / "compare.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "compare_official.py"), "--src", SRC, "--cases", case,
-           "--steps", os.environ.get("FATEZERO_COMPAT_STEPS", "5"), "--workdir", str(tmp_path / "work"),
-           "--variants", "official,patched,official-1thread", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=3600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    result = json.loads(out.read_text())["results"][0]
+    result = _compare_official(case, "official,patched,official-1thread", tmp_path, "--threads", "2")
     patched, floor = result["compared"]["patched"], result["compared"]["official-1thread"]
-    assert len(patched["edits"]) == (2 if case == "style" else 1)
+    assert len(patched["edits"]) == EDIT_COUNTS[case]
     for what in ("inversion", "edits"):
         for ours, theirs in zip(patched[what], floor[what]):
             assert ours["rel_diff"] <= max(TOLERANCE, 2 * theirs["rel_diff"]), (what, ours, theirs)
@@ -156,6 +229,19 @@ def test_official_pipeline_gives_the_same_edits(case, tmp_path):
     assert result["patched"]["official_store_bytes"] < result["official"]["official_store_bytes"]
     if case == "shape":  # the blend masks really mix source and edit (latent blend: the source words' mask)
         assert 0 < result["official"]["latent_blend_mask_mean"][0] < 1, result["official"]
+
+
+@pytest.mark.parametrize("case", ["style", "tuned"])
+def test_cli_gives_the_official_edits(case, tmp_path):
+    """`fatezero-fast edit --config` on the same shrunk official config (the tuned case: a checkpoint
+    saved by the official code) gives the official final latents within 1e-3 relative."""
+    _needs_official()
+    result = _compare_official(case, "official,cli", tmp_path)
+    edits = result["compared"]["cli"]["edits"]
+    assert len(edits) == EDIT_COUNTS[case]
+    for row in edits:
+        assert row["rel_diff"] <= CLI_TOLERANCE, row
+    print(f"{case}: cli vs official, max relative error {max(r['rel_diff'] for r in edits):.2e}")
 
 
 # ---------------------------------------------------------------- the layer-level check itself
@@ -369,5 +455,8 @@ def _layers(mode: str, out_path: str, src: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "layers":
         _layers(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 4 and sys.argv[1] == "tuned-call":
+        _official_tuned_call(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python tests/test_compat_fatezero.py layers fp64|fp32 OUT.json FATEZERO_SRC")
+        sys.exit("usage: python tests/test_compat_fatezero.py layers fp64|fp32 OUT.json FATEZERO_SRC\n"
+                 "       python tests/test_compat_fatezero.py tuned-call FATEZERO_SRC WORKDIR")
