@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..models.loading import load_components
 from ..semantics.ddim import ddim_inversion_step, epsilon_from_v
 from ..semantics.masks import blend_latents
 from ..semantics.plan import EditOptions
@@ -33,21 +34,6 @@ from .controller import FateZeroController
 from .inversion import Inversion
 from .run_config import RunConfig, check_edit, check_steps
 from .steps import new_steps
-
-COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-
-
-def check_model_folder(folder: str | Path) -> Path:
-    """A local diffusers-format Stable Diffusion folder with all of COMPONENTS, or InputError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"--model folder not found: {folder} (give a local diffusers-format Stable Diffusion folder)")
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-    if missing:
-        raise InputError(f"--model folder {folder} lacks {', '.join(missing)}: a diffusers-format folder has "
-                         f"{', '.join(COMPONENTS)}")
-    return folder
-
 
 def _checked_run(run: RunConfig | None, **changes) -> RunConfig:
     """The pipeline's run configuration: `run` (default: fp32) with the keyword overrides, checked."""
@@ -134,26 +120,9 @@ class FateZeroPipeline:
         (fatezero_fast.models.formats); `lora` is the LoRA rank of the run's model_config, checked
         against the weights. A Tune-A-Video model attends to the frames it was tuned with (first and
         previous) unless `attention` (or `run`) says otherwise."""
-        from diffusers import AutoencoderKL, DDIMScheduler
-        from diffusers.utils import is_accelerate_available
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        from ..models.loading import load_unet
-
         attention_given = kwargs.get("attention") is not None or kwargs.get("run") is not None
         kwargs = _with_checked_run(kwargs)  # bad options fail before anything is loaded
-        folder = check_model_folder(folder)
-        unet, fmt = load_unet(folder, lora)
-        loaders = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer, scheduler=DDIMScheduler)
-        # without accelerate diffusers would warn that it cannot load with low memory
-        low_memory = {"vae": dict(low_cpu_mem_usage=is_accelerate_available())}
-        parts = {"unet": unet}
-        for name, loader in loaders.items():
-            try:
-                parts[name] = loader.from_pretrained(folder / name, **low_memory.get(name, {}))
-            except Exception as exc:  # a broken component: name it, not a deep traceback
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"cannot load {name} from {folder / name}: {first}") from exc
+        parts, fmt = load_components(folder, lora)
         if not attention_given:
             kwargs["run"] = kwargs["run"].with_(attention=VideoAttentionConfig(sparse_causal_index=fmt.native_index))
         pipe = cls(**parts, **kwargs)

@@ -130,7 +130,7 @@ def run_config(args, job):
 
 
 def check_model(job) -> None:
-    from ..edit.pipeline import check_model_folder
+    from ..models.loading import check_model_folder
 
     if job.model is not None:
         check_model_folder(job.model)

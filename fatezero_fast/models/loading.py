@@ -62,3 +62,41 @@ def load_unet(folder: str | Path, lora: int | None = None):
     state = read_weights(weights_file(folder / "unet"))
     fmt = detect(folder, lora, {k: tuple(v.shape) for k, v in state.items()})
     return build_unet(fmt, state), fmt
+
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """A local diffusers-format Stable Diffusion folder with all of COMPONENTS, or InputError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--model folder not found: {folder} (give a local diffusers-format Stable Diffusion folder)")
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise InputError(f"--model folder {folder} lacks {', '.join(missing)}: a diffusers-format folder has "
+                         f"{', '.join(COMPONENTS)}")
+    return folder
+
+
+def load_components(folder: str | Path, lora: int | None = None) -> tuple[dict, ModelFormat]:
+    """({component name: model}, the UNet's format) of a model folder; a broken component is an
+    InputError naming it. `lora` as for load_unet."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers.utils import is_accelerate_available
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = check_model_folder(folder)
+    unet, fmt = load_unet(folder, lora)
+    loaders = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer,
+               "scheduler": DDIMScheduler}
+    # without accelerate diffusers would warn that it cannot load with low memory
+    low_memory = {"vae": {"low_cpu_mem_usage": is_accelerate_available()}}
+    parts = {"unet": unet}
+    for name, loader in loaders.items():
+        try:
+            parts[name] = loader.from_pretrained(folder / name, **low_memory.get(name, {}))
+        except Exception as exc:  # a broken component: name it, not a deep traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot load {name} from {folder / name}: {first}") from exc
+    return parts, fmt
