@@ -2,6 +2,8 @@
 
 Each world size is one torch.multiprocessing spawn whose ranks run several cases; the parent runs
 the same cases in one process and compares. float64 runs carry exactness (1e-12), fp32 1e-5.
+Tuned video models (FateZero with a LoRA temporal conv, Tune-A-Video) exchange the temporal
+conv's halo frames and run temporal attention over pixel shards (unet/shard.py).
 """
 import copy
 
@@ -12,24 +14,34 @@ import torch.multiprocessing as mp
 
 from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
+from fatezero_fast.models.tuned import random_tuned_components
 from fatezero_fast.unet.processors import VideoAttentionConfig
 from fatezero_fast.unet.shard import exchange_bytes, frame_range
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 EDIT = dict(blend_words=[["car"], ["car"]], blend_self_attention=True, blend_latents=True, guidance_scale=7.5)
 LATENT = (8, 5)
-# (name, world size, frames, index list, store, chunk size inside a rank, dtype)
+# tiny models: plain SD, or random tuned ones (their temporal layers far from the identity)
+MODELS = {"sd": lambda: random_components("tiny", seed=0),
+          "fatezero-lora": lambda: random_tuned_components("fatezero", "tiny", conv="lora", lora=8, seed=5),
+          "tuneavideo": lambda: random_tuned_components("tuneavideo", "tiny", seed=5)}
+# (name, world size, model, frames, index list, store, chunk size inside a rank, dtype); tuned models
+# split 5 frames 2+3 (a LoRA conv's reach of 2 spans a rank), 3 frames 1+2, 4 frames 1+1+2 (rank 2's
+# halo comes from two ranks); Tune-A-Video's temporal attention runs the FateZero one's code
 CASES = [
-    ("odd-frames", 2, 5, [-1, "first"], "recompute", None, torch.float64),
-    ("qk-chunked", 2, 5, ["mid"], "qk", 2, torch.float64),
-    ("fp32", 2, 4, [-2, -1], "recompute", None, torch.float32),
-    ("one-frame-ranks", 3, 4, ["mid"], "qk", 1, torch.float64),
-    ("neighbours", 3, 5, [-2, -1], "recompute", 1, torch.float64),
+    ("odd-frames", 2, "sd", 5, [-1, "first"], "recompute", None, torch.float64),
+    ("qk-chunked", 2, "sd", 5, ["mid"], "qk", 2, torch.float64),
+    ("fp32", 2, "sd", 4, [-2, -1], "recompute", None, torch.float32),
+    ("lora-odd-frames", 2, "fatezero-lora", 5, [-1, "first"], "recompute", 2, torch.float64),
+    ("tuneavideo-fp32", 2, "tuneavideo", 3, ["first", -1], "qk", None, torch.float32),
+    ("one-frame-ranks", 3, "sd", 4, ["mid"], "qk", 1, torch.float64),
+    ("neighbours", 3, "sd", 5, [-2, -1], "recompute", 1, torch.float64),
+    ("lora-one-frame-ranks", 3, "fatezero-lora", 4, ["mid"], "qk", 1, torch.float64),
 ]
 
 
-def run_case(frames, index_list, store, chunk, dtype, distribute):
-    parts = copy.deepcopy(random_components("tiny", seed=0))
+def run_case(model, frames, index_list, store, chunk, dtype, distribute):
+    parts = copy.deepcopy(MODELS[model]())
     pipe = FateZeroPipeline(**parts, device="cpu", dtype=dtype,
                             attention=VideoAttentionConfig(sparse_causal_index=index_list,
                                                            backend="reference" if dtype == torch.float64 else "auto"))
@@ -43,17 +55,17 @@ def run_case(frames, index_list, store, chunk, dtype, distribute):
             "masks": edit.masks}
 
 
-def count_bytes(rank, world, frames=5):
+def count_bytes(rank, world, model, chunk, frames=5):
     """(bytes the rank sent in one inversion call, as counted; as exchange_bytes computes them)."""
-    pipe = FateZeroPipeline(**copy.deepcopy(random_components("tiny", seed=0)), device="cpu",
+    pipe = FateZeroPipeline(**copy.deepcopy(MODELS[model]()), device="cpu",
                             attention=VideoAttentionConfig(sparse_causal_index=[-1, "first"]))
     assert pipe.distribute()
     pipe.state.begin_call("invert", frames, LATENT, capture_branch=0)
     before = pipe.shard.sent
-    pipe._unet([torch.randn(frames, 4, *LATENT)], [pipe.encode_prompt(SOURCE)], 500)
+    pipe._unet([torch.randn(frames, 4, *LATENT)], [pipe.encode_prompt(SOURCE)], 500, chunk)
     captured = len(pipe.state.captured_buffers())
     assert captured > 0
-    return pipe.shard.sent - before, exchange_bytes(pipe.unet, LATENT, frames, world, rank, 1, captured)
+    return pipe.shard.sent - before, exchange_bytes(pipe.unet, LATENT, frames, world, rank, 1, captured, chunk)
 
 
 def _rank(rank, world, init, out, cases):
@@ -61,7 +73,7 @@ def _rank(rank, world, init, out, cases):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results = {name: run_case(*args, distribute=True) for name, *args in cases}
-        results["bytes"] = count_bytes(rank, world)
+        results["bytes"] = [count_bytes(rank, world, "sd", None), count_bytes(rank, world, "fatezero-lora", 1)]
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -89,8 +101,8 @@ def test_sharded_runs_equal_one_process(tmp_path, world):
     mp.spawn(_rank, args=(world, f"file://{tmp_path / 'init'}", str(out), cases), nprocs=world, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(world)]
     for r in ranks:
-        counted, computed = r["bytes"]
-        assert counted == computed > 0
+        for counted, computed in r["bytes"]:
+            assert counted == computed > 0
     for name, *args in cases:
         expected = run_case(*args, distribute=False)
         tol = 1e-5 if args[-1] == torch.float32 else 1e-12
@@ -115,7 +127,7 @@ def _failing_rank(rank, world, init):
                 raise RuntimeError("rank 1 failed on purpose")
             return real_step(self, *args, **kwargs)
         FateZeroPipeline._unet = failing
-    run_case(4, [-1, "first"], "recompute", None, torch.float32, distribute=True)
+    run_case("sd", 4, [-1, "first"], "recompute", None, torch.float32, distribute=True)
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):
@@ -125,17 +137,3 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
         mp.spawn(_failing_rank, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2, join=True)
     assert time.monotonic() - start < 120  # the other rank was ended, not left waiting
-
-
-def test_a_model_with_temporal_layers_is_not_split(tmp_path):
-    from fatezero_fast.errors import InputError
-    from fatezero_fast.models.tuned import random_tuned_components
-
-    pipe = FateZeroPipeline(**random_tuned_components("fatezero", "tiny"), device="cpu")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(InputError, match="temporal layers couple all frames"):
-            pipe.distribute()
-        assert pipe.shard is None
-    finally:
-        dist.destroy_process_group()

@@ -28,7 +28,6 @@ from ..unet.processors import VideoAttentionConfig, install
 from ..unet.runner import streaming_unet
 from ..unet.shard import FrameShard, shard_from_env
 from ..unet.source_exit import drop_source_branch, source_exit_block
-from ..unet.temporal import has_temporal
 from .controller import FateZeroController
 from .inversion import Inversion
 from .run_config import RunConfig, check_edit, check_steps
@@ -109,11 +108,7 @@ class FateZeroPipeline:
         group, initialised from torchrun's environment when it is not yet). Every rank runs the same
         calls on the same inputs and gets the same results; only rank 0 shows progress and decodes.
         Returns False (nothing changes) in a single process."""
-        shard = shard_from_env(group)
-        if shard is not None and has_temporal(self.unet):
-            raise InputError("this model's temporal layers couple all frames at each pixel: splitting its frames "
-                             "over ranks is not supported yet; run it in one process (--chunk-size bounds memory)")
-        self.shard = shard
+        self.shard = shard_from_env(group)
         return self.shard is not None
 
     def _shows_progress(self, progress: bool) -> bool:
