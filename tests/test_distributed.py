@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fatezero_fast.edit.inversion import Inversion
 from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
 from fatezero_fast.models.tuned import random_tuned_components
@@ -34,22 +35,29 @@ CASES = [
     ("fp32", 2, "sd", 4, [-2, -1], "recompute", None, torch.float32),
     ("lora-odd-frames", 2, "fatezero-lora", 5, [-1, "first"], "recompute", 2, torch.float64),
     ("tuneavideo-fp32", 2, "tuneavideo", 3, ["first", -1], "qk", None, torch.float32),
-    ("one-frame-ranks", 3, "sd", 4, ["mid"], "qk", 1, torch.float64),
+    ("one-frame-ranks", 3, "sd", 4, ["mid"], "lowrank", 1, torch.float64),
     ("neighbours", 3, "sd", 5, [-2, -1], "recompute", 1, torch.float64),
     ("lora-one-frame-ranks", 3, "fatezero-lora", 4, ["mid"], "qk", 1, torch.float64),
 ]
+# cases whose inversion rank 0 saves (the store gathered from the ranks), to be edited in one process
+SAVED = ("qk-chunked", "one-frame-ranks", "lora-one-frame-ranks")
 
 
-def run_case(model, frames, index_list, store, chunk, dtype, distribute):
-    parts = copy.deepcopy(MODELS[model]())
-    pipe = FateZeroPipeline(**parts, device="cpu", dtype=dtype,
+def make_pipe(model, index_list, dtype):
+    return FateZeroPipeline(**copy.deepcopy(MODELS[model]()), device="cpu", dtype=dtype,
                             attention=VideoAttentionConfig(sparse_causal_index=index_list,
                                                            backend="reference" if dtype == torch.float64 else "auto"))
+
+
+def run_case(model, frames, index_list, store, chunk, dtype, distribute, save_to=None):
+    pipe = make_pipe(model, index_list, dtype)
     if distribute:
         assert pipe.distribute()
     torch.manual_seed(0)
     latents = torch.randn(frames, 4, *LATENT, dtype=dtype)
     inversion = pipe.invert(None, SOURCE, 3, latents=latents, store=store, progress=False, chunk_size=chunk)
+    if save_to is not None:
+        inversion.save(save_to)
     edit = pipe.edit(inversion, TARGET, progress=False, decode=False, chunk_size=chunk, **EDIT)
     return {"inversion": inversion.latents.clone(), "maps": inversion.token_maps.clone(), "edit": edit.latents,
             "masks": edit.masks}
@@ -68,11 +76,23 @@ def count_bytes(rank, world, model, chunk, frames=5):
     return pipe.shard.sent - before, exchange_bytes(pipe.unet, LATENT, frames, world, rank, 1, captured, chunk)
 
 
+def encode(distribute):
+    """A 5-frame clip's VAE latents, encoded 2 frames at a time (chunks straddle the ranks' frames)."""
+    pipe = FateZeroPipeline(**copy.deepcopy(random_components("tiny", seed=0)), device="cpu", dtype=torch.float64)
+    if distribute:
+        assert pipe.distribute()
+    video = torch.rand(5, 3, 8 * LATENT[0], 8 * LATENT[1], dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return pipe.encode_video(video, torch.Generator().manual_seed(4), chunk=2)
+
+
 def _rank(rank, world, init, out, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        results = {name: run_case(*args, distribute=True) for name, *args in cases}
+        results = {name: run_case(*args, distribute=True, save_to=f"{out}.{name}" if rank == 0 and name in SAVED
+                                  else None) for name, *args in cases}
+        results["encoded"] = encode(distribute=True)
         results["bytes"] = [count_bytes(rank, world, "sd", None), count_bytes(rank, world, "fatezero-lora", 1)]
         torch.save(results, f"{out}.{rank}")
     finally:
@@ -103,6 +123,9 @@ def test_sharded_runs_equal_one_process(tmp_path, world):
     for r in ranks:
         for counted, computed in r["bytes"]:
             assert counted == computed > 0
+    encoded = encode(distribute=False)
+    for r in ranks:  # each rank encoded its frames with the clip's noise
+        assert rel_err(r["encoded"], encoded) <= 1e-12
     for name, *args in cases:
         expected = run_case(*args, distribute=False)
         tol = 1e-5 if args[-1] == torch.float32 else 1e-12
@@ -112,6 +135,11 @@ def test_sharded_runs_equal_one_process(tmp_path, world):
             assert set(got["masks"]) == set(expected["masks"]) and expected["masks"], name
             for mask, value in expected["masks"].items():
                 assert torch.equal(got["masks"][mask], value), (name, mask)
+        if name in SAVED:  # the saved multi-rank inversion, edited in one process
+            model, _, index_list, _, chunk, dtype = args
+            edit = make_pipe(model, index_list, dtype).edit(Inversion.load(f"{out}.{name}"), TARGET, progress=False,
+                                                            decode=False, chunk_size=chunk, **EDIT)
+            assert rel_err(edit.latents, expected["edit"]) <= tol, name
 
 
 def _failing_rank(rank, world, init):

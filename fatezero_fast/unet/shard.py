@@ -107,6 +107,19 @@ class FrameShard:
         recv = recv.to(device)
         return [r.view(s) for r, s in zip(recv.split(sizes_out), shapes)]
 
+    def gather_rows_(self, x: torch.Tensor, owners: list[int]) -> torch.Tensor:
+        """In place: row i of x (along dim 0) from rank owners[i], on every rank."""
+        if x.element_size() == 1 and x.is_floating_point():  # float8: sent as its bytes
+            self.gather_rows_(x.view(torch.uint8), owners)
+            return x
+        rows = [[i for i, o in enumerate(owners) if o == r] for r in range(self.world)]
+        mine = x[rows[self.rank]]
+        got = self.all_to_all([mine] * self.world, [(len(r),) + tuple(x.shape[1:]) for r in rows], x.device)
+        for r, part in zip(rows, got):
+            if r and r is not rows[self.rank]:
+                x[r] = part
+        return x
+
     def halo(self, x: torch.Tensor, num_frames: int, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's neighbour frames of x (its own frames along dim 0): [lo - reach, lo) and
         [hi, hi + reach) within the clip, each from the rank that owns it (a neighbour rank may own
@@ -158,6 +171,12 @@ class FrameShard:
         host = x.cpu()
         dist.broadcast(host, src, group=self.group)
         return x.copy_(host)
+
+    def objects(self, obj) -> list:
+        """A small Python object of every rank, in rank order."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     def gather_stats(self, count: int, mean: torch.Tensor, m2: torch.Tensor):
         """(count, mean, M2) of every rank, in rank order."""
@@ -223,10 +242,10 @@ def exchange_bytes(unet, latent_size: tuple[int, int], num_frames: int, world: i
         if isinstance(processor, SpatioTemporalAttnProcessor):
             remote = remote_frames(resolve_frame_index(processor.index_list, num_frames), world)
             owned = sum(1 for f in remote if lo <= f < hi)
-            tokens = level_tokens[_level(name, len(level_tokens))]
+            tokens = level_tokens[module_level(name, len(level_tokens))]
             total += owned * 2 * branches * tokens * module.attn1.to_k.out_features * itemsize
         if hasattr(module, "_fz_temporal_names"):  # temporal attention: two all-to-alls (FrameShard.over_pixels)
-            tokens = level_tokens[_level(name, len(level_tokens))]
+            tokens = level_tokens[module_level(name, len(level_tokens))]
             step = -(-(chunk_size or num_frames) * tokens // num_frames)
             token_bytes = branches * module.attn1.to_q.in_features * itemsize
             for blocks in token_slabs(tokens, step, world):
@@ -259,7 +278,7 @@ def _skip_channels(unet) -> dict[str, int]:
             for i, block in enumerate(unet.up_blocks) for j in range(len(block.resnets))}
 
 
-def _level(name: str, count: int) -> int:
+def module_level(name: str, count: int) -> int:
     """The UNet level (0: the latent's size) of a module by its name: down blocks top down, the mid block at
     the bottom, up blocks bottom up; conv_in and conv_out at the top. An up block's upsampler counts at its
     block's level (its input's size)."""
@@ -273,6 +292,6 @@ def _level_pixels(name: str, latent_size: tuple[int, int], count: int) -> int:
     from . import levels
 
     h, w = latent_size
-    for _ in range(_level(name, count)):
+    for _ in range(module_level(name, count)):
         h, w = levels.halve(h, w)
     return h * w
