@@ -6,6 +6,7 @@ Tuned video models (FateZero with a LoRA temporal conv, Tune-A-Video) exchange t
 conv's halo frames and run temporal attention over pixel shards (unet/shard.py).
 """
 import copy
+import itertools
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
 from fatezero_fast.models.tuned import random_tuned_components
 from fatezero_fast.unet.processors import VideoAttentionConfig
-from fatezero_fast.unet.shard import exchange_bytes, frame_range
+from fatezero_fast.unet.shard import exchange_bytes, frame_range, token_slabs
 
 SOURCE, TARGET = "a red car driving down a road", "a blue car driving down a road"
 EDIT = dict(blend_words=[["car"], ["car"]], blend_self_attention=True, blend_latents=True, guidance_scale=7.5)
@@ -114,6 +115,19 @@ def test_frame_ranges_are_contiguous_and_balanced():
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
 
 
+def test_token_slabs_cover_the_tokens_in_balanced_blocks():
+    for tokens in range(1, 30):
+        for world in (1, 2, 3):
+            for step in (1, 4, 40):
+                slabs = token_slabs(tokens, step, world)
+                blocks = [b for slab in slabs for b in slab]
+                assert blocks[0][0] == 0 and blocks[-1][1] == tokens
+                assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
+                for slab in slabs:
+                    sizes = [e - a for a, e in slab]
+                    assert len(slab) == world and max(sizes) <= step and max(sizes) - min(sizes) <= 1
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_runs_equal_one_process(tmp_path, world):
     cases = [(name, *args) for name, w, *args in CASES if w == world]
@@ -165,3 +179,18 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
         mp.spawn(_failing_rank, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2, join=True)
     assert time.monotonic() - start < 120  # the other rank was ended, not left waiting
+
+
+def test_a_disk_store_is_not_split(tmp_path):
+    from fatezero_fast.errors import InputError
+    from fatezero_fast.stores import make_store
+
+    pipe = FateZeroPipeline(**random_tuned_components("fatezero", "tiny"), device="cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert pipe.distribute()  # a tuned model splits
+        with pytest.raises(InputError, match="disk store cannot be kept over several ranks"):
+            pipe.invert(None, SOURCE, 2, latents=torch.randn(2, 4, *LATENT), progress=False,
+                        store=make_store("qk", placement="disk", folder=tmp_path / "store"))
+    finally:
+        dist.destroy_process_group()
