@@ -39,7 +39,7 @@ CASES = [
     ("tuneavideo-fp32", 2, "tuneavideo", 3, ["first", -1], "qk", None, torch.float32),
     ("one-frame-ranks", 3, "sd", 4, ["mid"], "lowrank-budget", 1, torch.float64),
     ("neighbours", 3, "sd", 5, [-2, -1], "recompute", 1, torch.float64),
-    ("lora-one-frame-ranks", 3, "fatezero-lora", 4, ["mid"], "qk", 1, torch.float64),
+    ("lora-one-frame-ranks", 3, "fatezero-lora", 4, ["mid"], "qk", None, torch.float64),
 ]
 # cases whose inversion rank 0 saves (the store gathered from the ranks), to be edited in one process
 SAVED = ("qk-chunked", "one-frame-ranks", "lora-one-frame-ranks")
