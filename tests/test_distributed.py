@@ -18,6 +18,7 @@ from fatezero_fast.edit.pipeline import FateZeroPipeline
 from fatezero_fast.models import random_components
 from fatezero_fast.models.tuned import random_tuned_components
 from fatezero_fast.stores import make_store
+from fatezero_fast.unet.chunks import ChunkSchedule, ClipActivation
 from fatezero_fast.unet.processors import VideoAttentionConfig
 from fatezero_fast.unet.shard import exchange_bytes, frame_range, token_slabs
 
@@ -116,6 +117,40 @@ def test_frame_ranges_are_contiguous_and_balanced():
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             sizes = [hi - lo for lo, hi in ranges]
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+class _RankOf:
+    """A rank's share of a whole clip (F, B, ...) without a process group: its halos are cut from the clip."""
+
+    def __init__(self, clip, rank, world):
+        self.clip, self.rank, self.world = clip, rank, world
+
+    def frames(self, num_frames):
+        return frame_range(num_frames, self.rank, self.world)
+
+    def halo(self, x, num_frames, reach):
+        lo, hi = self.frames(num_frames)
+        return self.clip[max(0, lo - reach):lo], self.clip[hi:hi + reach]
+
+
+def test_a_rank_reads_its_chunks_with_the_neighbour_frames():
+    frames, branches = 11, 2
+    clip = torch.randn(frames, branches, 3, 2, 2)  # frame-major, as a ClipActivation keeps it
+
+    def rows(a, e):
+        return clip[a:e].transpose(0, 1).reshape(-1, 3, 2, 2)
+
+    for world in (1, 2, 3):
+        for rank in range(world):
+            for chunk in (1, 2, 3):
+                for reach in (0, 1, 2):
+                    shard = _RankOf(clip, rank, world)
+                    schedule = ChunkSchedule(frames, branches, chunk, torch.device("cpu"), False, None, None, shard)
+                    x = ClipActivation(schedule, stats=False)
+                    for a, e in schedule.bounds:
+                        x.write(a, e, rows(a, e))
+                    for a, e, (got,) in schedule.each([x], reach):
+                        assert torch.equal(got, rows(max(0, a - reach), min(frames, e + reach))), (world, rank, a)
 
 
 def test_token_slabs_cover_the_tokens_in_balanced_blocks():

@@ -157,7 +157,8 @@ class ClipActivation:
         x = self.data[max(a, r.lo) - r.lo:min(e, r.hi) - r.lo].to(r.device, non_blocking=r.pin)[:, self.dropped:]
         if a < r.lo or e > r.hi:
             before, after = self.halo
-            x = torch.cat([before[len(before) - (r.lo - a):].to(r.device), x, after[:e - r.hi].to(r.device)])
+            before, after = before[len(before) - max(0, r.lo - a):], after[:max(0, e - r.hi)]
+            x = torch.cat([before.to(r.device), x, after.to(r.device)])
         return x.transpose(0, 1).reshape((r.branches * (e - a),) + tuple(x.shape[2:]))
 
     def fetch_halo(self, reach: int) -> None:
