@@ -164,10 +164,6 @@ def attach(unet: nn.Module, spec: TemporalSpec) -> None:
                             else full_temporal_conv(c))
 
 
-def has_temporal(unet: nn.Module) -> bool:
-    return any(hasattr(m, "_fz_temporal_names") or hasattr(m, "conv_temporal") for m in unet.modules())
-
-
 class TemporalControl:
     """How the temporal hooks of one UNet find the clip: whole clips of state.num_frames frames, or,
     in a layer-major run (fatezero_fast.unet.runner), a chunk of frames with its halo."""
