@@ -29,7 +29,6 @@ from ..unet.processors import VideoAttentionConfig, install
 from ..unet.runner import streaming_unet
 from ..unet.shard import FrameShard, shard_from_env
 from ..unet.source_exit import drop_source_branch, source_exit_block
-from ..unet.temporal import has_temporal
 from .controller import FateZeroController
 from .inversion import Inversion
 from .run_config import RunConfig, check_edit, check_steps
@@ -95,11 +94,7 @@ class FateZeroPipeline:
         group, initialised from torchrun's environment when it is not yet). Every rank runs the same
         calls on the same inputs and gets the same results; only rank 0 shows progress and decodes.
         Returns False (nothing changes) in a single process."""
-        shard = shard_from_env(group)
-        if shard is not None and has_temporal(self.unet):
-            raise InputError("this model's temporal layers couple all frames at each pixel: splitting its frames "
-                             "over ranks is not supported yet; run it in one process (--chunk-size bounds memory)")
-        self.shard = shard
+        self.shard = shard_from_env(group)
         return self.shard is not None
 
     def _shows_progress(self, progress: bool) -> bool:
@@ -153,10 +148,25 @@ class FateZeroPipeline:
                      chunk: int = 8) -> torch.Tensor:
         """(F, 3, H, W) in [-1, 1] -> (F, 4, H/8, W/8) latents (posterior sample times the VAE scale).
 
-        The clip stays where it is: `chunk` frames at a time go to the device."""
-        latents = [self.vae.encode(frames[i:i + chunk].to(self.device, self.dtype)).latent_dist.sample(generator)
-                   for i in range(0, len(frames), chunk)]
-        return torch.cat(latents) * self.vae.config.scaling_factor
+        The clip stays where it is: `chunk` frames at a time go to the device. Distributed, each rank
+        encodes its own frames and the latents are all-gathered; the posterior's noise is drawn for
+        every chunk of the clip, in the order one process draws it, so it does not depend on the ranks."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        num_frames, (height, width) = len(frames), frames.shape[-2:]
+        lo, hi = (0, num_frames) if self.shard is None else self.shard.frames(num_frames)
+        latents = torch.empty((num_frames, self.vae.config.latent_channels, height // self.vae_scale,
+                               width // self.vae_scale), device=self.device, dtype=self.dtype)
+        for i in range(0, num_frames, chunk):
+            # the noise of frames [i, i + chunk), as DiagonalGaussianDistribution.sample draws it
+            noise = randn_tensor(latents[i:i + chunk].shape, generator=generator, device=self.device, dtype=self.dtype)
+            a, e = max(i, lo), min(i + chunk, hi)
+            if a < e:
+                posterior = self.vae.encode(frames[a:e].to(self.device, self.dtype)).latent_dist
+                latents[a:e] = posterior.mean + posterior.std * noise[a - i:e - i]
+        if self.shard is not None:
+            self.shard.share_frames_(latents, 0)
+        return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -242,6 +252,9 @@ class FateZeroPipeline:
         source_prompt = fit_prompt(source_prompt, self.tokenizer, "source")
         scheduler, timesteps = self._timesteps(num_inference_steps)
         store = run.make_store(store_folder) if store is None or isinstance(store, str) else store
+        if self.shard is not None and store.placement == "disk" and not store.recompute:
+            raise InputError("a disk store cannot be kept over several ranks: use --store-placement host (rank 0 "
+                             "saves the gathered store) or --store recompute")
         if latents is None:
             generator = torch.Generator(self.device).manual_seed(seed)
             latents = self.encode_video(video, generator)
@@ -265,6 +278,8 @@ class FateZeroPipeline:
                                     scheduler.final_alpha_cumprod.to(self.device),
                                     scheduler.config.num_train_timesteps, steps).to(self.dtype)
             kept[i + 1] = z.cpu()
+        if self.shard is not None:  # each rank captured its frames: the store becomes the whole clip's
+            ctl.store.gather_(self.shard, z.shape[0])
         return Inversion(source_prompt, steps, kept, token_maps,
                          copy.deepcopy(self.state.config), ctl.store, None if video is None else video.float().cpu())
 

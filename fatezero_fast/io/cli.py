@@ -183,9 +183,9 @@ def cmd_invert(args) -> None:
 
     job = job_from(args)
     run = run_config(args, job)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.store != "recompute":
-        raise InputError(f"--store {run.store} keeps each rank's frames on that rank, so a multi-rank run cannot "
-                         "save it: use --store recompute (the default), or invert and edit in one `edit` run")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.store != "recompute" and run.store_placement == "disk":
+        raise InputError(f"--store {run.store} on disk cannot be kept over several ranks: use --store-placement "
+                         "host (rank 0 saves the gathered store) or --store recompute")
     _default_size(job, args)
     check_model(job)
     out = _staged(args, {"input video": job.video.path})

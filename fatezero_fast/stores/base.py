@@ -202,6 +202,22 @@ class AttentionStore:
                 self._prefetched = ((nxt, following[0]), self._load(nxt, following[0], device))
         return tensors
 
+    # -- several ranks
+    def gather_(self, shard, num_frames: int) -> None:
+        """Distributed (unet/shard.py): every rank captured its own query frames; afterwards every
+        rank's store holds every frame's rows, as one process keeps them (docs/design.md, "Several GPUs")."""
+        if self.placement == "disk" and self.steps:
+            raise InputError("a disk store cannot be gathered from several ranks: use a host or device placement")
+        owners = [shard.owner(f, num_frames) for f in range(num_frames)]
+        for step in sorted(self.steps):
+            for layer in sorted(self.steps[step]):
+                self._gather_layer(shard, step, layer, owners)
+
+    def _gather_layer(self, shard, step: int, layer: str, owners: list[int]) -> None:
+        """The layer's kept tensors, rows by query frame: each row from the rank that owns its frame."""
+        for t in self.steps[step][layer]:
+            shard.gather_rows_(t, owners)
+
     # -- accounting
     def nbytes(self) -> int:
         return sum(self._sizes.values())

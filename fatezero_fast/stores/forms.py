@@ -30,6 +30,8 @@ class QKStore(AttentionStore):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.key_frames: dict[tuple[int, str], torch.Tensor] = {}
+        self.written: dict[tuple[int, str], set[int]] = {}  # K slots this process wrote (for `gather_`)
+        self._key_owners: dict[tuple[int, str], list[int]] = {}  # the rank each K slot is gathered from
 
     def capture_self(self, step, layer, q, k, kv_frames, scale, *, frames=None, key_frames=None):
         num_frames = kv_frames.shape[0]
@@ -37,6 +39,7 @@ class QKStore(AttentionStore):
         given = torch.arange(k.shape[0]) if key_frames is None else key_frames.cpu()
         needed = torch.isin(given, kept)
         slots = torch.searchsorted(kept, given[needed])
+        self.written.setdefault((step, layer), set()).update(slots.tolist())
         self._write(step, layer, [(_rows(frames, num_frames), num_frames, q),
                                   (slots, kept.numel(), k[needed.to(k.device)])])
 
@@ -58,6 +61,21 @@ class QKStore(AttentionStore):
 
     def _source_from(self, kept):
         return Source(SourceForm.QK, *kept)
+
+    def gather_(self, shard, num_frames):
+        # a K slot comes from the first rank whose queries attend to its frame (all that do hold the
+        # same K: a frame's K is computed by its owner and broadcast, unet/chunks.py KVCache)
+        written = shard.objects(self.written)
+        self._key_owners = {key: [next(r for r, w in enumerate(written) if slot in w[key])
+                                  for slot in range(len(frames))] for key, frames in self.key_frames.items()}
+        super().gather_(shard, num_frames)
+
+    def _gather_layer(self, shard, step, layer, owners):
+        kept = self.steps[step][layer]
+        if len(kept) == 1:  # a cross map
+            return super()._gather_layer(shard, step, layer, owners)
+        shard.gather_rows_(kept[0], owners)
+        shard.gather_rows_(kept[1], self._key_owners[(step, layer)])
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), key_frames=self.key_frames)
@@ -148,6 +166,18 @@ class LowRankStore(AttentionStore):
 
     def _source_from(self, kept):
         return Source(SourceForm.LOWRANK, *kept)
+
+    def gather_(self, shard, num_frames):
+        # every rank widens each layer's factors to the largest rank any rank's chunks needed
+        widths = shard.objects({(step, layer): kept[0].shape[-1] for step, layers in self.steps.items()
+                                for layer, kept in layers.items() if len(kept) == 2})
+        errors = shard.objects(self.errors)
+        for step, layer in widths[0]:
+            u, w = self.steps[step][layer]
+            rank = max(ws[(step, layer)] for ws in widths)
+            self._set(step, layer, (_pad_rank(u, rank, -1), _pad_rank(w, rank, -2)))
+        self.errors = {key: max(e[key] for e in errors) for key in self.errors}
+        super().gather_(shard, num_frames)
 
 
 def _pad_rank(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:

@@ -39,37 +39,36 @@ class ChunkSchedule:
         self.copy_stream = torch.cuda.Stream(device) if self.pin else None
         self.context = context  # encoder_hidden_states (B*F, L, D), branch-major
         self.chunk_size = chunk_size
-        self.halo = (0, 0)      # neighbour frames the current chunk's rows hold before and after it
         self.temporal = None    # the UNet's TemporalControl (unet/temporal.py), when it has temporal modules
         self.bar = tqdm(total=None if passes is None else passes * len(self.bounds), desc="UNet chunks",
                         unit="chunk", leave=False, disable=passes is None)
 
     def span(self, a: int, e: int, reach: int) -> tuple[int, int]:
-        """Frames [a, e) with up to `reach` neighbour frames on each side, within this process's frames."""
-        return max(self.lo, a - reach), min(self.hi, e + reach)
-
-    def trim(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of the current chunk read with its halo -> the rows of the chunk's own frames."""
-        lo, hi = self.halo
-        if not lo and not hi:
-            return rows
-        x = rows.reshape(self.branches, -1, *rows.shape[1:])
-        return x[:, lo:x.shape[1] - hi].reshape(-1, *rows.shape[1:])
+        """Frames [a, e) with up to `reach` neighbour frames on each side, within the clip (sharded,
+        those beyond this rank's frames are other ranks': `ClipActivation.fetch_halo`)."""
+        return max(0, a - reach), min(self.num_frames, e + reach)
 
     def _enter(self, a: int, e: int, reach: int) -> None:
         a0, e0 = self.span(a, e, reach)
-        self.halo = (a - a0, e0 - e)
         if self.temporal is not None:  # the temporal conv hooks trim the halo (unet/temporal.py)
             self.temporal.halo = (a - a0, e0 - e, self.branches) if reach else None
 
-    def each(self, inputs: Sequence[ClipActivation], reach: int = 0):
+    def each(self, inputs: Sequence[ClipActivation], reach: int | Sequence[int] = 0):
         """Yield (a, e, device rows of each input) for every chunk; on CUDA the next chunk's inputs
-        are copied in on a side stream while the caller computes on this one. With `reach`, the rows
-        also hold up to that many neighbour frames on each side (`halo`, `trim`): the halo a
-        temporal conv in the caller's computation needs."""
+        are copied in on a side stream while the caller computes on this one. With `reach` (one for
+        all inputs, or one per input), the rows also hold up to that many neighbour frames on each
+        side: the halo a temporal conv in the caller's computation needs (its hook trims it)."""
+        reaches = [reach] * len(inputs) if isinstance(reach, int) else list(reach)
+        for x, r in zip(inputs, reaches):
+            x.fetch_halo(r)
+        reach = max(reaches, default=0)
+
+        def read(a, e):
+            return [x.read(*self.span(a, e, r)) for x, r in zip(inputs, reaches)]
+
         if self.copy_stream is None:
             for a, e in self.bounds:
-                rows = [x.read(*self.span(a, e, reach)) for x in inputs]
+                rows = read(a, e)
                 self._enter(a, e, reach)
                 yield a, e, rows
                 self.bar.update()
@@ -80,7 +79,7 @@ class ChunkSchedule:
 
         def fetch(j):
             with torch.cuda.stream(self.copy_stream):
-                return [x.read(*self.span(*self.bounds[j], reach)) for x in inputs]
+                return read(*self.bounds[j])
 
         pending = fetch(0)
         for j, (a, e) in enumerate(self.bounds):
@@ -95,7 +94,8 @@ class ChunkSchedule:
             self.bar.update()
         self._enter(0, 0, 0)
 
-    def map(self, inputs: Sequence[ClipActivation], fn: Callable, stats: bool = True, reach: int = 0) -> ClipActivation:
+    def map(self, inputs: Sequence[ClipActivation], fn: Callable, stats: bool = True,
+            reach: int | Sequence[int] = 0) -> ClipActivation:
         """out[a:e] = fn(a, e, *rows of inputs[a:e]) for every chunk (rows with a halo of `reach` frames)."""
         out = ClipActivation(self, stats)
         for a, e, rows in self.each(inputs, reach):
@@ -128,6 +128,9 @@ class ClipActivation:
         self.dropped = 0  # leading branches of `data` that left the batch (`without_first_branch`)
         self.compacted = False  # branch 0 is not in `data` at all (`compact_without_first_branch`)
         self.stats: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk, (B, C)
+        # sharded: the neighbour ranks' frames before and after this rank's, (f, B, ...) without dropped branches
+        self.halo: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.halo_reach = 0
 
     @property
     def shape(self) -> torch.Size:
@@ -147,11 +150,25 @@ class ClipActivation:
         self.data[a - r.lo:e - r.lo].copy_(y.transpose(0, 1), non_blocking=r.pin)
 
     def read(self, a: int, e: int) -> torch.Tensor:
-        """Frames [a, e) as device rows (B*c, ...) (issued on the current stream)."""
+        """Frames [a, e) as device rows (B*c, ...) (issued on the current stream); sharded, frames
+        beyond this rank's come from the halo (`fetch_halo`)."""
         r = self.schedule
         # the whole (contiguous) chunk is copied, dropped branches are sliced off on the device
-        x = self.data[a - r.lo:e - r.lo].to(r.device, non_blocking=r.pin)[:, self.dropped:]
+        x = self.data[max(a, r.lo) - r.lo:min(e, r.hi) - r.lo].to(r.device, non_blocking=r.pin)[:, self.dropped:]
+        if a < r.lo or e > r.hi:
+            before, after = self.halo
+            before, after = before[len(before) - max(0, r.lo - a):], after[:max(0, e - r.hi)]
+            x = torch.cat([before.to(r.device), x, after.to(r.device)])
         return x.transpose(0, 1).reshape((r.branches * (e - a),) + tuple(x.shape[2:]))
+
+    def fetch_halo(self, reach: int) -> None:
+        """Sharded: get the `reach` frames on each side of this rank's range from the ranks owning
+        them (kept for later reads); every rank calls this alike (a collective)."""
+        r = self.schedule
+        if r.shard is None or reach <= self.halo_reach:
+            return
+        self.halo = r.shard.halo(self.data[:, self.dropped:], r.num_frames, reach)
+        self.halo_reach = reach
 
     def without_first_branch(self) -> "ClipActivation":
         """The same activation without branch 0 (a view: nothing is copied)."""
@@ -160,6 +177,8 @@ class ClipActivation:
         clip = ClipActivation(self.schedule, self.keep_stats)
         clip.data, clip.dropped = self.data, self.dropped + 1
         clip.stats = [(n, mean[1:], m2[1:]) for n, mean, m2 in self.stats]
+        if self.halo is not None:  # the halo holds the branches in the batch only
+            clip.halo, clip.halo_reach = tuple(x[:, 1:] for x in self.halo), self.halo_reach
         return clip
 
     def compact_without_first_branch(self) -> "ClipActivation":

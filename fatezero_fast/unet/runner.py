@@ -41,7 +41,7 @@ from .chunks import ChunkSchedule, ClipActivation, KVCache
 from .groupnorm import chunk_norm
 from .processors import ChunkView, FateZeroState, SpatioTemporalAttnProcessor
 from .shard import FrameShard
-from .temporal import reach_of, temporal_attention_rows
+from .temporal import reach_of, temporal_attention_tokens
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -183,12 +183,13 @@ class LayerMajorUNet:
 
         def second(a, e, h, *xs):
             h = resnet.conv2(resnet.dropout(resnet.nonlinearity(norm2(h))))
-            x = resample(self.chunks.trim(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)))
+            x = resample(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))
             if resnet.conv_shortcut is not None:
                 x = resnet.conv_shortcut(x)
             return (x + h) / resnet.output_scale_factor
 
-        return self.chunks.map([hidden] + list(inputs), second, reach=reach_of(resnet.conv2))
+        # only conv2's input needs the halo: the residual inputs are read without one
+        return self.chunks.map([hidden] + list(inputs), second, reach=(reach_of(resnet.conv2),) + (0,) * len(inputs))
 
     def transformer(self, model, x: ClipActivation) -> ClipActivation:
         """Transformer2DModel (continuous input): per-frame norm/projections, attn1 through the K/V cache."""
@@ -263,17 +264,20 @@ class LayerMajorUNet:
         """The block's temporal attention (with residual) over blocks of token positions with all frames.
 
         A block of n tokens of all F frames is as large as a chunk of c frames of all N tokens when
-        n = c N / F; each token's F x F attention lives only while its block is computed."""
-        data = x.data[:, x.dropped:]  # (F, B, N, C) in storage
-        f, b, n, c = data.shape
-        step = -(-self.chunks.chunk_size * n // f)
-        out = ClipActivation(self.chunks, stats=False)
-        out.data = torch.empty(data.shape, dtype=data.dtype, device=data.device, pin_memory=self.chunks.pin)
+        n = c N / F; each token's F x F attention lives only while its block is computed. Sharded,
+        the blocks are other ranks' too: all-to-alls carry them (FrameShard.over_pixels)."""
+        data = x.data[:, x.dropped:]  # (F, B, N, C) in storage (sharded: this rank's frames)
+        r, n = self.chunks, data.shape[2]
+        step = -(-r.chunk_size * n // r.num_frames)
+        out = ClipActivation(r, stats=False)
+        out.data = torch.empty(data.shape, dtype=data.dtype, device=data.device, pin_memory=r.pin)
+        attend = functools.partial(temporal_attention_tokens, block)
+        if r.shard is not None:
+            r.shard.over_pixels(attend, data, out.data, r.num_frames, step, r.device)
+            return out
         for t0 in range(0, n, step):
-            rows = data[:, :, t0:t0 + step].to(self.chunks.device, non_blocking=self.chunks.pin)
-            k = rows.shape[2]
-            y = temporal_attention_rows(block, rows.permute(1, 0, 2, 3).reshape(b * f, k, c), f)
-            out.data[:, :, t0:t0 + k].copy_(y.view(b, f, k, c).transpose(0, 1), non_blocking=self.chunks.pin)
+            y = attend(data[:, :, t0:t0 + step].to(r.device, non_blocking=r.pin))
+            out.data[:, :, t0:t0 + y.shape[2]].copy_(y, non_blocking=r.pin)
         return out
 
     def _kv_cache(self, attn) -> KVCache | None:

@@ -123,6 +123,13 @@ def temporal_attention_rows(block: nn.Module, x: torch.Tensor, frames: int) -> t
     return y.view(bf // frames, n, frames, c).transpose(1, 2).reshape(bf, n, c)
 
 
+def temporal_attention_tokens(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's temporal attention with residual on x (F, B, n, C): all F frames of n token positions."""
+    f, b, n, c = x.shape
+    y = temporal_attention_rows(block, x.permute(1, 0, 2, 3).reshape(b * f, n, c), f)
+    return y.view(b, f, n, c).transpose(0, 1)
+
+
 def temporal_conv_rows(conv: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
     """The temporal conv on x (B*F, C, H, W), clips of `frames` frames."""
     bf, c, h, w = x.shape
@@ -155,10 +162,6 @@ def attach(unet: nn.Module, spec: TemporalSpec) -> None:
             c = conv.out_channels
             conv.add_module("conv_temporal", LoRATemporalConv(c, lora_rank(spec.rank, c)) if spec.conv == "lora"
                             else full_temporal_conv(c))
-
-
-def has_temporal(unet: nn.Module) -> bool:
-    return any(hasattr(m, "_fz_temporal_names") or hasattr(m, "conv_temporal") for m in unet.modules())
 
 
 class TemporalControl:
