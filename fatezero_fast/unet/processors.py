@@ -13,9 +13,10 @@ branch re-evaluates inversion on the stored inversion latent with the source pro
 With any other store the batch is [(uncond,) target] and the source comes from the store,
 which the inversion filled through the same processors.
 
-Chunked (layer-major) execution (unet/runner.py): `FateZeroState.chunk` says that the
-rows of the current call are frames [start, stop) of every branch and, for attn1, carries the
-keys/values of the frames those queries attend to (gathered by the runner over the whole clip).
+Chunked (layer-major) execution (unet/runner.py): the runner calls each attention with a
+`chunk=ChunkView(...)` argument, which says that the rows of the call are frames [start, stop)
+of every branch and, for attn1, carries the keys/values of the frames those queries attend to
+(gathered by the runner over the whole clip). Without it (chunk=None) the rows are all frames.
 Stores are written and read per chunk (the rows of query frames [start, stop) and, for qk, the
 keys of their anchor frames), so stored attention reaches the device one chunk at a time;
 captured maps are written per frame range.
@@ -82,7 +83,6 @@ class FateZeroState:
     store_step: int = 0                      # inversion call whose attention is captured or fused
     source_token_maps: torch.Tensor | None = None  # (F, rh, rw, 77) this step's inversion maps
     capture_branch: int | None = None        # branch whose mask-level cross maps are recorded (-1: the last)
-    chunk: ChunkView | None = None           # chunked execution: which frames the rows are (None: all)
     _captured: list = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
     _chunk_maps: dict = field(default_factory=dict)   # layer -> (F, rh, rw, 77) buffer in _captured
@@ -105,23 +105,16 @@ class FateZeroState:
         self.plan, self.step, self.source_token_maps = plan, step, source_token_maps
         self.store, self.store_step = store or RecomputeStore(), store_step
         self.capture_branch = capture_branch
-        self.chunk = None
         self._captured, self._masks, self._chunk_maps = [], {}, {}
 
     # -- chunked execution
-    @property
-    def rows_per_branch(self) -> int:
-        """Frames of each branch in the current call's rows (all frames unless chunked)."""
-        return self.num_frames if self.chunk is None else self.chunk.stop - self.chunk.start
+    def frame_slice(self, chunk: ChunkView | None) -> slice:
+        """The clip frames an attention call's rows hold, in each branch (all unless chunked)."""
+        return slice(0, self.num_frames) if chunk is None else slice(chunk.start, chunk.stop)
 
-    @property
-    def frame_slice(self) -> slice:
-        """The clip frames the current call's rows hold, in each branch."""
-        return slice(0, self.num_frames) if self.chunk is None else slice(self.chunk.start, self.chunk.stop)
-
-    def source_rows(self) -> slice:
-        """Rows of the batch holding the source branch, the first (recompute store only)."""
-        return slice(0, self.rows_per_branch)
+    def rows_per_branch(self, chunk: ChunkView | None) -> int:
+        """Frames of each branch in an attention call's rows."""
+        return self.num_frames if chunk is None else chunk.stop - chunk.start
 
     def drop_first_branch(self) -> None:
         """Branch 0 (the recompute source) left the batch mid-call (unet/source_exit.py)."""
@@ -138,16 +131,16 @@ class FateZeroState:
         """The whole-clip (F, rh, rw, 77) buffers the chunks of this call recorded into."""
         return list(self._chunk_maps.values())
 
-    def record(self, head_mean_probs: torch.Tensor, layer: str | None = None) -> None:
+    def record(self, head_mean_probs: torch.Tensor, layer: str | None = None, chunk: ChunkView | None = None) -> None:
         rh, rw = self.level_size(head_mean_probs.shape[1])
-        maps = head_mean_probs.reshape(self.rows_per_branch, rh, rw, -1).float()
-        if self.chunk is None:
+        maps = head_mean_probs.reshape(self.rows_per_branch(chunk), rh, rw, -1).float()
+        if chunk is None:
             self._captured.append(maps)
             return
         if layer not in self._chunk_maps:  # the whole clip's buffer, filled chunk by chunk
             self._chunk_maps[layer] = maps.new_zeros(self.num_frames, rh, rw, maps.shape[-1])
             self._captured.append(self._chunk_maps[layer])
-        self._chunk_maps[layer][self.frame_slice] = maps
+        self._chunk_maps[layer][self.frame_slice(chunk)] = maps
 
     def self_blend_mask(self, tokens: int) -> torch.Tensor | None:
         if tokens not in self._masks:
@@ -200,28 +193,27 @@ class SpatioTemporalAttnProcessor:
         return _frame_index_on(tuple(self.index_list), self.state.num_frames, _CPU)[start:stop].unique()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+                 *args, chunk: ChunkView | None = None, **kwargs):
         if attention_mask is not None or hidden_states.dim() != 3:
             raise NotImplementedError("spatio-temporal self-attention takes (B*F, N, C) input without a mask")
         st = self.state
         q = _split_heads(attn, attn.to_q(hidden_states))
         f, tokens = st.num_frames, q.shape[2]
         local = _frame_index_on(tuple(self.index_list), f, q.device)
-        view = st.chunk
         frames = None  # the clip frames of k/v (None: all)
-        if view is None:
+        if chunk is None:
             k, v = self.key_value(attn, hidden_states)
             kf = f  # key frames per branch
         else:  # queries of frames [start, stop); k/v of `frames` of each branch, gathered by the runner
-            k, v, frames = view.kv
+            k, v, frames = chunk.kv
             kf = frames.numel()
-            local = torch.searchsorted(frames.to(q.device), local[view.start:view.stop])
-        qf = st.rows_per_branch
+            local = torch.searchsorted(frames.to(q.device), local[chunk.start:chunk.stop])
+        qf, rows = st.rows_per_branch(chunk), st.frame_slice(chunk)
         branches = q.shape[0] // qf
         controlled = st.controls(tokens)
         if controlled and st.mode == "invert" and not st.store.recompute:
             st.store.capture_self(st.store_step, self.name, q, k, _frame_index_on(tuple(self.index_list), f, _CPU),
-                                  attn.scale, frames=st.frame_slice, key_frames=frames)
+                                  attn.scale, frames=rows, key_frames=frames)
         edit = controlled and st.mode == "edit" and st.plan.replaces_self(st.step)
         plain = branches - 1 if edit else branches  # the target branch is last
         out = torch.empty_like(q)
@@ -232,12 +224,12 @@ class SpatioTemporalAttnProcessor:
                                   scale=attn.scale, backend=st.config.backend, out=out[:plain * qf])
         if edit:
             if st.store.recompute:
-                source = Source(SourceForm.QK, q[st.source_rows()], k[:kf])
+                source = Source(SourceForm.QK, q[:qf], k[:kf])  # the source branch goes first
             else:
-                source = st.store.self_source(st.store_step, self.name, st.frame_slice, frames, q.device)
+                source = st.store.self_source(st.store_step, self.name, rows, frames, q.device)
             mask = st.self_blend_mask(tokens)
-            if mask is not None and view is not None:
-                mask = mask[st.frame_slice]
+            if mask is not None and chunk is not None:
+                mask = mask[rows]
             tgt, ktgt = slice(plain * qf, (plain + 1) * qf), slice(plain * kf, (plain + 1) * kf)
             ops.blended_attention(q[tgt], k[ktgt], v[ktgt], kv_frames=local, source=source,
                                   mask=mask, scale=attn.scale, backend=st.config.backend, out=out[tgt])
@@ -253,13 +245,13 @@ class FateZeroCrossAttnProcessor:
         self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+                 *args, chunk: ChunkView | None = None, **kwargs):
         st = self.state
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = _split_heads(attn, attn.to_q(hidden_states))
         k = _split_heads(attn, attn.to_k(context))
         v = _split_heads(attn, attn.to_v(context))
-        f, tokens = st.rows_per_branch, q.shape[2]
+        f, tokens, rows = st.rows_per_branch(chunk), q.shape[2], st.frame_slice(chunk)
         controlled = st.controls(tokens)
         fuse = controlled and st.mode == "edit" and st.plan.fuses_cross(st.step)
         store = controlled and st.mode == "invert" and not st.store.recompute
@@ -273,14 +265,13 @@ class FateZeroCrossAttnProcessor:
         probs = torch.softmax(torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
         if capture:
             branch = st.capture_branch % (probs.shape[0] // f)  # negative: from the end
-            rows = slice(branch * f, (branch + 1) * f)
-            st.record(probs[rows].mean(1), self.name)
+            st.record(probs[branch * f:(branch + 1) * f].mean(1), self.name, chunk)
         if store:
-            st.store.capture_cross(st.store_step, self.name, probs.to(v.dtype), frames=st.frame_slice,
+            st.store.capture_cross(st.store_step, self.name, probs.to(v.dtype), frames=rows,
                                    num_frames=st.num_frames)
         if fuse:
-            p_src = probs[st.source_rows()] if st.store.recompute else \
-                st.store.cross_source(st.store_step, self.name, st.frame_slice, q.device)
+            p_src = probs[:f] if st.store.recompute else \
+                st.store.cross_source(st.store_step, self.name, rows, q.device)
             tgt = slice(probs.shape[0] - f, probs.shape[0])
             probs[tgt] = st.plan.fuse_cross(p_src, probs[tgt], st.step)
         out = torch.matmul(probs.to(v.dtype), v)

@@ -100,8 +100,6 @@ def streaming_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: 
         chunks.bar.close()
         if chunks.temporal is not None:
             chunks.temporal.layer_major, chunks.temporal.halo = False, None
-        if state is not None:
-            state.chunk = None
 
 
 

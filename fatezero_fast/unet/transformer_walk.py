@@ -13,7 +13,7 @@ import functools
 import torch
 
 from .chunks import ChunkSchedule, ClipActivation, KVCache
-from .processors import ChunkView, FateZeroState, SpatioTemporalAttnProcessor
+from .processors import ChunkView, FateZeroCrossAttnProcessor, FateZeroState, SpatioTemporalAttnProcessor
 from .temporal import temporal_attention_tokens
 
 
@@ -22,10 +22,6 @@ class ChunkedTransformer:
 
     def __init__(self, state: FateZeroState | None, chunks: ChunkSchedule):
         self.state, self.chunks = state, chunks
-
-    def set_chunk(self, a: int, e: int, **kwargs) -> None:
-        if self.state is not None:
-            self.state.chunk = ChunkView(a, e, **kwargs)
 
     def __call__(self, model, x: ClipActivation) -> ClipActivation:
         """Transformer2DModel (continuous input): per-frame norm/projections, attn1 through the K/V cache."""
@@ -84,16 +80,12 @@ class ChunkedTransformer:
 
             if hasattr(block, "_fz_temporal_names"):  # temporal attention couples all frames of each token
                 hidden = self.chunks.map([hidden], functools.partial(body, temporal=True), stats=False)
-                if self.state is not None:
-                    self.state.chunk = None
                 hidden = self.temporal_attention(block, hidden)
                 body = tail
             fn = body if last else with_kv(body, i + 1)
             hidden = self.chunks.map([hidden] + ([x] if last else []), fn, stats=last)
             if not last and caches[i + 1] is not None:
                 caches[i + 1].share()
-        if self.state is not None:
-            self.state.chunk = None  # drop the last chunk's K/V
         return hidden
 
     def temporal_attention(self, block, x: ClipActivation) -> ClipActivation:
@@ -123,13 +115,19 @@ class ChunkedTransformer:
         return None  # any other processor is per-frame self-attention: nothing crosses frames
 
     def _basic_block(self, block, cache: KVCache | None, a: int, e: int, h: torch.Tensor) -> torch.Tensor:
-        if cache is None:
-            self.set_chunk(a, e)
-        else:
+        view = ChunkView(a, e)  # FateZero's processors are told which frames the rows are
+        if cache is not None:
             frames = cache.processor.kv_frames_for(a, e)
-            k, v = cache.get(frames)
-            self.set_chunk(a, e, kv=(k, v, frames))
-        h = block.attn1(block.norm1(h)) + h
+            view = ChunkView(a, e, kv=(*cache.get(frames), frames))
+        h = block.attn1(block.norm1(h), **_chunk_argument(block.attn1, view)) + h
         if block.attn2 is not None:
-            h = block.attn2(block.norm2(h), encoder_hidden_states=self.chunks.context_rows(a, e)) + h
+            h = block.attn2(block.norm2(h), encoder_hidden_states=self.chunks.context_rows(a, e),
+                            **_chunk_argument(block.attn2, view)) + h
         return block.ff(block.norm3(h)) + h
+
+
+def _chunk_argument(attn, view: ChunkView) -> dict:
+    """{"chunk": view} for FateZero's processors (diffusers passes it on to them); nothing for others."""
+    if isinstance(attn.processor, (SpatioTemporalAttnProcessor, FateZeroCrossAttnProcessor)):
+        return {"chunk": view}
+    return {}
