@@ -1,5 +1,6 @@
 # Two commands for a fresh machine (see README):
-#   make demo   set everything up, then edit the built-in sample clip (random tiny model unless MODEL=...)
+#   make demo   set everything up, then three edits of the toy-world clip with the trained toy model
+#               (MODEL=DIR: your Stable Diffusion folder through the CLI; RANDOM=1: the random tiny model)
 #   make test   set everything up, then run the test suite (CPU; GPU tests skip without CUDA)
 # Both create or reuse the venv $(VENV). Torch 2.13.0 (CPU) is installed only when the venv has no
 # torch: to use a CUDA torch, create the venv with it first (python -m venv .venv && .venv/bin/pip
@@ -10,6 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 MODEL ?=
+RANDOM ?=
 STAMP := $(VENV)/.fatezero-fast-installed
 TEST_STAMP := $(VENV)/.fatezero-fast-test-installed
 
@@ -32,7 +34,11 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 demo: setup
+ifneq ($(MODEL)$(RANDOM),)
 	$(VENV)/bin/fatezero-fast edit --output $(OUT) --overwrite $(if $(MODEL),--model $(MODEL))
+else
+	$(PY) -m fatezero_fast.toyworld.demo --output $(OUT)
+endif
 
 test: setup-test
 	$(PY) -m pytest -q tests

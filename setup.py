@@ -73,7 +73,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"fatezero_fast": ["models/data/*"]},
+    package_data={"fatezero_fast": ["models/data/*", "toyworld/model/*", "toyworld/model/*/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[

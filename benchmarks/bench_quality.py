@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from fatezero_fast.processors import VideoAttentionConfig  # noqa: E402
-from fatezero_fast.store import make_store  # noqa: E402
+from fatezero_fast.unet.processors import VideoAttentionConfig  # noqa: E402
+from fatezero_fast.stores import make_store  # noqa: E402
 
 from fatezero_fast.edit.pipeline import FateZeroPipeline  # noqa: E402
 from fatezero_fast.toyworld import edits as E  # noqa: E402

@@ -12,19 +12,22 @@ COLOUR_EDIT = {"red": "blue", "blue": "red", "green": "purple", "yellow": "blue"
                "black": "yellow", "orange": "blue", "purple": "yellow"}
 SHAPE_EDIT = {"car": "ball", "ball": "box", "box": "ball", "boat": "ball"}
 
-# classifier-free guidance for the toy model (SD's 7.5 over-drives a model this small: see docs/toyworld/MODEL_CARD.md)
-GUIDANCE = 2.0
+# classifier-free guidance: SD's 7.5 (at 2-5 the toy model keeps the inverted colour, docs/toyworld/MODEL_CARD.md)
+GUIDANCE = 7.5
+# blend-mask threshold: the toy model's mask level is 6x6 (one cell = 8x8 pixels); at FateZero's usual 0.3
+# its blend masks cover the frame, at 0.85 they cover the object grown by the mask's 3x3 max-pool
+BLEND_TH = (0.85, 0.85)
 
 # FateZero's options (the official config keys) for each kind of edit on the toy model
 OPTIONS = {
     # local attribute: cross-attention refine, self-attention blended inside the object's mask
     "attribute": dict(cross_replace_steps=0.8, self_replace_steps=0.8, blend_self_attention=True,
-                      guidance_scale=GUIDANCE),
+                      blend_th=BLEND_TH, guidance_scale=GUIDANCE),
     # global/style: no blend words; source self-attention keeps the layout
     "style": dict(cross_replace_steps=0.8, self_replace_steps=0.6, guidance_scale=GUIDANCE),
     # shape: short cross-attention replacement, blended self-attention and latent blend
     "shape": dict(cross_replace_steps=0.2, self_replace_steps=0.5, blend_self_attention=True, blend_latents=True,
-                  guidance_scale=GUIDANCE),
+                  blend_th=BLEND_TH, guidance_scale=GUIDANCE),
     # same prompt: the reconstruction
     "reconstruct": dict(cross_replace_steps=1.0, self_replace_steps=1.0, guidance_scale=GUIDANCE),
     # the paper's ablation: plain DDIM inversion, then regeneration with the target prompt

@@ -8,6 +8,7 @@ CLI's `--model`. tools/train_toyworld.py trains it.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -56,10 +57,10 @@ def save_folder(parts: dict, folder: str | Path) -> Path:
     """Write the components as a diffusers-format folder, weights in fp16 safetensors."""
     folder = Path(folder)
     for name in ("vae", "text_encoder", "unet"):
-        model = parts[name]
-        half = type(model).from_config(model.config) if name != "text_encoder" else type(model)(model.config)
-        half.load_state_dict(model.state_dict())
-        half.to(torch.float16).save_pretrained(folder / name, safe_serialization=True)
+        # a copy, not from_config: diffusers' from_config resets config values set after init to their
+        # defaults (the VAE's scaling_factor would silently become SD's 0.18215)
+        half = copy.deepcopy(parts[name]).to(torch.float16)
+        half.save_pretrained(folder / name, safe_serialization=True)
     parts["tokenizer"].save_pretrained(folder / "tokenizer")
     parts["scheduler"].save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({
