@@ -83,22 +83,26 @@ class Scene:
         return dataclasses.replace(self, **changes)
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _light(scene: Scene) -> str:
+    return "at night" if scene.sky == "night" else f"under {_article(scene.sky)} {scene.sky} sky"
+
+
 def caption(scene: Scene) -> str:
     """The scene in words, e.g. "a red car driving on a road under a blue sky"."""
     verb = VERBS[(scene.kind, scene.motion)]
-    where = GROUNDS[scene.ground][1]
-    light = "at night" if scene.sky == "night" else f"under {'an' if scene.sky == 'orange' else 'a'} {scene.sky} sky"
-    article = "an" if scene.colour[0] in "aeiou" else "a"
-    return f"{article} {scene.colour} {scene.kind} {verb} on {where} {light}"
+    return f"{_article(scene.colour)} {scene.colour} {scene.kind} {verb} on {GROUNDS[scene.ground][1]} {_light(scene)}"
 
 
 def pair_caption(scene: Scene, other: Scene) -> str:
     """Two objects on one ground, in a random but seeded order, e.g. "a red car and a blue ball on a
     road under a blue sky" (no verbs: the second object stands still)."""
     first, second = (scene, other) if scene.texture_seed % 2 else (other, scene)
-    light = "at night" if scene.sky == "night" else f"under {'an' if scene.sky == 'orange' else 'a'} {scene.sky} sky"
-    objects = " and ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.kind}" for o in (first, second))
-    return f"{objects} on {GROUNDS[scene.ground][1]} {light}"
+    objects = " and ".join(f"{_article(o.colour)} {o.colour} {o.kind}" for o in (first, second))
+    return f"{objects} on {GROUNDS[scene.ground][1]} {_light(scene)}"
 
 
 def vocabulary() -> list[str]:

@@ -15,13 +15,9 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .groupnorm import upcast
 from .processors import SpatioTemporalAttnProcessor
 from .shard import FrameShard, frame_range, remote_frames
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32 for statistics and normalisation (fp32 and fp64 stay)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class ChunkSchedule:
@@ -144,7 +140,7 @@ class ClipActivation:
             self.data = torch.empty((r.hi - r.lo, b) + tuple(y.shape[2:]), dtype=y.dtype, device=r.storage,
                                     pin_memory=r.pin)
         if self.keep_stats and y.dim() == 5:
-            var, mean = torch.var_mean(_upcast(y).flatten(3), dim=(1, 3), unbiased=False)  # (B, C)
+            var, mean = torch.var_mean(upcast(y).flatten(3), dim=(1, 3), unbiased=False)  # (B, C)
             n = c * y.shape[3] * y.shape[4]
             self.stats.append((n, mean.double(), var.double() * n))
         self.data[a - r.lo:e - r.lo].copy_(y.transpose(0, 1), non_blocking=r.pin)

@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for statistics and normalisation (fp32 and fp64 stay)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class ClipGroupNorm(nn.Module):
     """Wraps an nn.GroupNorm; normalises (B*F, C, H, W) over each clip of `frames()` frames."""
 
@@ -105,7 +110,7 @@ def _clip_affine(gn: nn.GroupNorm, inputs: Sequence, device) -> Callable[[torch.
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, n // b, c, -1)  # fp16/bf16 in fp32
+        y = upcast(x).reshape(b, n // b, c, -1)
         y = torch.addcmul(shift[:, None, :, None], y, scale[:, None, :, None])
         return y.reshape(x.shape).to(x.dtype)
 

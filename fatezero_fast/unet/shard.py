@@ -258,7 +258,8 @@ def exchange_bytes(unet, latent_size: tuple[int, int], num_frames: int, world: i
                      for q, (a, e) in enumerate(ranges) if q != rank]
             sent = sum(1 for wanted in halos for f in wanted if lo <= f < hi)
             channels = module.in_channels - skip_channels.get(name, 0)
-            total += sent * branches * channels * _level_pixels(name, latent_size, len(level_tokens)) * itemsize
+            pixels = level_tokens[module_level(name, len(level_tokens))]
+            total += sent * branches * channels * pixels * itemsize
     size = max(e - a for a, e in ranges)
     h, w = latent_size
     total += branches * size * unet.config.out_channels * h * w * itemsize
@@ -286,12 +287,3 @@ def module_level(name: str, count: int) -> int:
     if part in ("conv_in", "conv_out"):
         return 0
     return count - 1 if part == "mid_block" else int(i) if part == "down_blocks" else count - 1 - int(i)
-
-
-def _level_pixels(name: str, latent_size: tuple[int, int], count: int) -> int:
-    from . import levels
-
-    h, w = latent_size
-    for _ in range(module_level(name, count)):
-        h, w = levels.halve(h, w)
-    return h * w
